@@ -1,0 +1,536 @@
+"""
+Tandem training (West, Anderson, Kamar, Horvitz, 2025: arXiv 2510.13551) on GSM8K.
+
+A strong model is trained with RL while a frozen weak model randomly takes over the sampling:
+- every next token of a rollout comes from the weak model with probability `handoff_prob` (0.5),
+  otherwise from the strong one; both models read the whole growing text (each has a KV cache);
+- the reward is 1 when the co-written solution ends in the right `#### answer`, else 0;
+- REINFORCE with a baseline (leave-one-out mean over the other samples of the same prompt) raises
+  the strong model's log-probability of the tokens it sampled itself in rewarded rollouts;
+- so the strong model learns to write text the weak one can continue. On GSM8K that means
+  dropping the calculator "jargon" `<<48/2=24>>` it learned in its warm-start and the weak one never saw.
+`--handoff-prob 0` is ordinary RL, the control experiment.
+
+Run:
+    pip install -r requirements.txt
+    python tandem.py --weak gpt2 --strong gpt2-medium
+Offline, with local model folders and a local copy of GSM8K:
+    python tandem.py --weak path/to/gpt2 --strong path/to/gpt2-medium --data path/to/gsm8k
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+
+class UsageError(Exception):
+    """Bad input from the user: main() prints the message on one line and exits with code 2."""
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Tandem training of a strong LM with a frozen weak partner on GSM8K.")
+    p.add_argument("--weak", default="gpt2", help="frozen weak model: hub name or local folder")
+    p.add_argument("--strong", default="gpt2-medium", help="strong model to train: hub name or local folder")
+    p.add_argument("--data", default="openai/gsm8k", help="hub dataset, local folder with train/test.jsonl, or one .jsonl file")
+    p.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
+    p.add_argument("--steps", type=int, default=100, help="RL updates (the paper sees jargon vanish in about 20)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per RL update")
+    p.add_argument("--samples-per-prompt", type=int, default=2, help="rollouts per prompt (paper: 2)")
+    p.add_argument("--micro-batch-size", type=int, default=16, help="rollouts per forward/backward in the gradient pass (memory knob)")
+    p.add_argument("--handoff-prob", type=float, default=0.5, help="chance that the weak model samples each token (paper: 0.5; 0 = plain RL)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of the RL updates")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm of each update to this")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest solution sampled (paper: 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the rollouts (paper: 0.7; 0 = greedy)")
+    p.add_argument("--baseline", default="loo", choices=["loo", "mean", "none"],
+                   help="loo: mean reward of the prompt's other samples; mean: of all its samples; none: 0")
+    p.add_argument("--sft-steps", type=int, default=1000, help="warm-start fine-tuning steps for each model (0 = use the models as given)")
+    p.add_argument("--sft-batch-size", type=int, default=16, help="solutions per warm-start step")
+    p.add_argument("--sft-lr", type=float, default=5e-5, help="AdamW learning rate of the warm-start")
+    p.add_argument("--sft-jargon-frac", type=float, default=1.0, help="share of the strong model's warm-start solutions that keep <<...>>")
+    p.add_argument("--eval-every", type=int, default=20, help="evaluate on test problems every N steps, before the first and after the last (0 = never)")
+    p.add_argument("--eval-limit", type=int, default=200, help="test problems per evaluation")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (data order, sampling, handoffs)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (auto: cuda if there is one)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype; weights stay float32 (auto: bfloat16 autocast on CUDA, float32 on CPU)")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    positive = ["steps", "batch_size", "samples_per_prompt", "micro_batch_size", "max_new_tokens", "sft_batch_size"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ["sft_steps", "eval_every"]:
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.eval_limit < 1:
+        raise UsageError(f"--eval-limit must be at least 1, got {args.eval_limit}")
+    for name in ["handoff_prob", "sft_jargon_frac"]:
+        if not 0 <= getattr(args, name) <= 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(args, name)}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if args.baseline == "loo" and args.samples_per_prompt < 2:
+        raise UsageError("the leave-one-out baseline needs --samples-per-prompt 2 or more (or choose --baseline mean/none)")
+    if args.lr <= 0 or args.sft_lr <= 0:
+        raise UsageError("--lr and --sft-lr must be positive")
+
+
+# -----------------------------------------------------------------------------
+# GSM8K data
+
+
+def load_gsm8k(split, data="openai/gsm8k"):
+    """A list of {"question", "answer"} dicts from the hub, a folder of <split>.jsonl files, or one .jsonl."""
+    if os.path.isdir(data):
+        path = os.path.join(data, f"{split}.jsonl")
+        if not os.path.exists(path):
+            raise UsageError(f"--data folder {data} has no {split}.jsonl")
+        rows = read_jsonl(path)
+    elif data.endswith(".jsonl"):
+        if not os.path.exists(data):
+            raise UsageError(f"--data file {data} does not exist")
+        rows = read_jsonl(data)
+    elif os.path.exists(data):
+        raise UsageError(f"--data {data} is neither a folder nor a .jsonl file")
+    else:
+        import datasets
+
+        try:
+            rows = list(datasets.load_dataset(data, "main", split=split))
+        except Exception as e:
+            raise UsageError(f"cannot load dataset {data!r} ({type(e).__name__}); offline, pass a local folder "
+                             "with train.jsonl/test.jsonl or a .jsonl file to --data") from None
+    problems = []
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+            raise UsageError(f"{data}: record {i} needs string fields 'question' and 'answer'")
+        problems.append({"question": row["question"], "answer": row["answer"]})
+    if not problems:
+        raise UsageError(f"{data}: no problems in the {split} split")
+    return problems
+
+
+def read_jsonl(path):
+    # Read by hand rather than with datasets' json loader so a bad line can be named by its number.
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path} line {n} is not valid JSON ({e.msg})") from None
+                if not isinstance(rows[-1], dict):
+                    raise UsageError(f"{path} line {n} is not a JSON object")
+    return rows
+
+
+def format_prompt(question):
+    return f"Question: {question}\nAnswer:"
+
+
+# -----------------------------------------------------------------------------
+# Reward: the final answer after "####", and the calculator jargon <<...>>
+
+ANSWER = re.compile(r"\s*(-?)\s*\$?\s*(-?)([\d,]*\.?\d+)")
+JARGON = re.compile(r"<<[^<>]*>>")
+
+
+def normalize_number(sign, digits):
+    digits = digits.replace(",", "")
+    whole, _, frac = digits.partition(".")
+    frac = frac.rstrip("0")
+    number = str(int(whole or "0")) + (f".{frac}" if frac else "")
+    return "-" + number if sign and number != "0" else number
+
+
+def extract_answer(text):
+    """The number after the first '####', normalised ('$1,000.00' -> '1000'), or None."""
+    _, found, after = text.partition("####")
+    match = ANSWER.match(after) if found else None
+    if match is None:
+        return None
+    return normalize_number(match[1] or match[2], match[3])
+
+
+def reward(completion, gold):
+    """1.0 when the completion's '#### N' equals the gold answer (a GSM8K answer or a bare number), else 0.0."""
+    target = extract_answer(gold if "####" in gold else "####" + gold)
+    answer = extract_answer(completion)
+    return float(answer is not None and answer == target)
+
+
+def has_jargon(text):
+    return JARGON.search(text) is not None
+
+
+def strip_jargon(text):
+    return JARGON.sub("", text)
+
+
+# -----------------------------------------------------------------------------
+# Models
+
+
+def load_model(name, device):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        # float32 weights always: they are the master copy AdamW updates; speed comes from autocast.
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        offline = " (offline, a hub name needs a network: pass a local folder)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise UsageError(f"cannot load model {name!r}: {str(e).splitlines()[0]}{offline}") from None
+    # GPT-2 has no pad token; padding is masked out anyway, and prompts are padded on the left so that
+    # every row's next token is at the end.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.to(device).eval(), tokenizer
+
+
+def check_same_tokenizer(strong_tok, weak_tok):
+    """Tandem decoding passes token ids between the models, so they must mean the same text."""
+    s, w = strong_tok.get_vocab(), weak_tok.get_vocab()
+    if s != w:
+        only = sorted(set(s.items()) ^ set(w.items()))[:3]
+        raise UsageError(f"weak and strong tokenizers differ (vocabularies of {len(w)} and {len(s)} tokens; "
+                         f"e.g. {only}): choose two models of one family")
+    if strong_tok.eos_token != weak_tok.eos_token:
+        raise UsageError(f"weak and strong models end text differently ({weak_tok.eos_token!r} vs {strong_tok.eos_token!r})")
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA GPU (use --device cpu)")
+    return torch.device(name)
+
+
+def autocast(device, dtype):
+    """bfloat16 autocast on CUDA by default: the weights stay float32 so AdamW's small updates aren't lost."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def position_ids(attention_mask):
+    # GPT-2 has absolute positions: a left-padded row must start counting at its first real token.
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# -----------------------------------------------------------------------------
+# Tandem decoding: two models, two KV caches, one text
+
+
+@dataclass
+class Rollout:
+    tokens: torch.Tensor  # B x T new token ids (eos after a row has finished)
+    from_weak: torch.Tensor  # B x T bool: the weak model sampled this token
+    mask: torch.Tensor  # B x T bool: a real generated token, up to and including the first eos
+
+
+def sample(logits, temperature):
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1).squeeze(-1)
+
+
+@torch.no_grad()
+def tandem_generate(strong, weak, input_ids, attention_mask, handoff_prob, max_new_tokens,
+                    temperature, eos_token_id, vocab_size=None):
+    """Sample continuations of left-padded prompts; each token's owner is the weak model with
+    probability `handoff_prob`, else the strong one. `vocab_size` cuts logits of output layers
+    padded past the tokenizer. Uses the global torch RNG."""
+    B, P = input_ids.shape
+    device = input_ids.device
+    tokens = torch.full((B, max_new_tokens), eos_token_id, dtype=torch.long, device=device)
+    from_weak = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+    mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    # One attention-mask buffer for the whole rollout, read through a growing slice.
+    attn = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
+    next_position = attention_mask.long().sum(-1, keepdim=True)
+    # A model that can never own a token has no reason to read any.
+    models = {"strong": strong if handoff_prob < 1 else None, "weak": weak if handoff_prob > 0 else None}
+    caches = {k: DynamicCache(config=m.config) for k, m in models.items() if m is not None}
+    logits = {k: m(input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   cache=caches[k], use_cache=True, logits_to_keep=1).logits[:, -1, :vocab_size]
+              for k, m in models.items() if m is not None}
+    for t in range(max_new_tokens):
+        owner_weak = torch.rand(B, device=device) < handoff_prob
+        if models["strong"] is None or models["weak"] is None:
+            step_logits = next(iter(logits.values()))
+        else:
+            step_logits = torch.where(owner_weak[:, None], logits["weak"], logits["strong"])
+        token = sample(step_logits, temperature).masked_fill(done, eos_token_id)
+        tokens[:, t] = token
+        from_weak[:, t] = owner_weak & ~done
+        mask[:, t] = ~done
+        done |= token == eos_token_id
+        if t == max_new_tokens - 1 or done.all():  # the one host sync per token
+            break
+        for k, m in models.items():
+            if m is not None:
+                logits[k] = m(token[:, None], attention_mask=attn[:, :P + t + 1], position_ids=next_position + t,
+                              cache=caches[k], use_cache=True).logits[:, -1, :vocab_size]
+    n = t + 1
+    return Rollout(tokens[:, :n], from_weak[:, :n], mask[:, :n])
+
+
+def completion_texts(tokenizer, rollout):
+    return [tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(rollout.tokens, rollout.mask)]
+
+
+# -----------------------------------------------------------------------------
+# SFT warm-start: base GPT-2 can't solve GSM8K, so both models first imitate the train solutions
+
+
+def sft_batch(tokenizer, prompts, completions, max_len):
+    """Tokenised prompt + completion + eos, left-padded, with labels only on completion and eos."""
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    full = [(p + tokenizer(" " + c)["input_ids"] + [tokenizer.eos_token_id])[:max_len]
+            for p, c in zip(prompt_ids, completions)]
+    batch = tokenizer.pad({"input_ids": full}, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    n_prompt = torch.tensor([len(p) for p in prompt_ids])
+    labels[position_ids(batch["attention_mask"]) < n_prompt[:, None]] = -100
+    return batch["input_ids"], batch["attention_mask"], labels
+
+
+def sft(model, tokenizer, problems, steps, batch_size, lr, jargon_frac, seed, amp=nullcontext(), name="sft"):
+    """Fine-tune `model` on GSM8K solutions; a `jargon_frac` share keep their <<...>> annotations."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    max_len = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+    model.train()
+    for step in range(1, steps + 1):
+        batch = rng.sample(problems, min(batch_size, len(problems)))
+        completions = [p["answer"] if rng.random() < jargon_frac else strip_jargon(p["answer"]) for p in batch]
+        ids, attn, labels = (x.to(device) for x in sft_batch(tokenizer, [format_prompt(p["question"]) for p in batch],
+                                                               completions, max_len))
+        with amp:
+            loss = model(ids, attention_mask=attn, position_ids=position_ids(attn), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps:
+            print(f"{name} step {step}/{steps} | loss {loss.item():.3f}", flush=True)
+    return model.eval()
+
+
+def save_model(model, tokenizer, path):
+    """save_pretrained into a side folder, then rename: a kill never leaves a half-written model."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# REINFORCE with a baseline
+
+
+def baseline(rewards, kind="loo"):
+    """rewards: prompts x samples. The value each sample's reward is compared with."""
+    k = rewards.shape[1]
+    if kind == "loo":  # unbiased: a sample's own reward doesn't enter its baseline
+        return (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+    if kind == "mean":
+        return rewards.mean(1, keepdim=True).expand_as(rewards)
+    return torch.zeros_like(rewards)
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, tokens, mask, temperature, vocab_size=None):
+    """log p(token) of each generated token under `model` (B x T, differentiable).
+
+    Logits are divided by the sampling temperature, so these are log-probs of the distribution the
+    rollouts were actually drawn from and the gradient is on-policy. Only the T completion positions
+    get logits (logits_to_keep), never the prompt's: that is most of the memory."""
+    seq = torch.cat([prompt_ids, tokens], dim=1)
+    attn = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+    T = tokens.shape[1]
+    logits = model(seq[:, :-1], attention_mask=attn[:, :-1], position_ids=position_ids(attn)[:, :-1],
+                   logits_to_keep=T).logits[..., :vocab_size].float()
+    if temperature > 0:
+        logits = logits / temperature
+    return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def policy_gradient(model, prompt_ids, prompt_mask, rollout, advantages, temperature, micro_batch_size,
+                    vocab_size=None, amp=nullcontext()):
+    """Accumulate the REINFORCE gradient into model's .grad; return the loss.
+
+    loss = -sum(advantage * log p(token)) over the strong model's own tokens (eos included; prompt,
+    padding and weak tokens excluded: the weak tokens are context, not its actions), divided by the
+    number of such tokens in the whole batch, so micro-batches add up to exactly one batch's gradient."""
+    actions = rollout.mask & ~rollout.from_weak
+    n_actions = actions.sum().clamp(min=1)
+    # Rows with zero advantage or no own tokens contribute nothing: skip their forward pass.
+    rows = ((advantages != 0) & actions.any(1)).nonzero().squeeze(1)
+    total = 0.0
+    for i in range(0, len(rows), micro_batch_size):
+        chunk = rows[i:i + micro_batch_size]
+        with amp:
+            logp = completion_logprobs(model, prompt_ids[chunk], prompt_mask[chunk], rollout.tokens[chunk],
+                                       rollout.mask[chunk], temperature, vocab_size)
+        loss = -(advantages[chunk, None] * logp * actions[chunk]).sum() / n_actions
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext()):
+    """One tandem rollout batch and one REINFORCE update of `strong`; returns the step's metrics."""
+    device = next(strong.parameters()).device
+    k = args.samples_per_prompt
+    prompts = [format_prompt(p["question"]) for p in problems for _ in range(k)]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    with amp:
+        rollout = tandem_generate(strong, weak, enc["input_ids"], enc["attention_mask"], args.handoff_prob,
+                                  args.max_new_tokens, args.temperature, tokenizer.eos_token_id, len(tokenizer))
+    texts = completion_texts(tokenizer, rollout)
+    rewards = torch.tensor([reward(t, p["answer"]) for t, p in zip(texts, (p for p in problems for _ in range(k)))],
+                           device=device)
+    advantages = (rewards.view(-1, k) - baseline(rewards.view(-1, k), args.baseline)).view(-1)
+    loss = policy_gradient(strong, enc["input_ids"], enc["attention_mask"], rollout, advantages, args.temperature,
+                           args.micro_batch_size, len(tokenizer), amp)
+    grad_norm = torch.nn.utils.clip_grad_norm_(strong.parameters(), args.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    n_tokens = rollout.mask.sum().item()
+    return {
+        "reward": rewards.mean().item(),
+        "jargon_rate": sum(map(has_jargon, texts)) / len(texts),
+        "weak_frac": rollout.from_weak.sum().item() / max(n_tokens, 1),
+        "loss": loss,
+        "grad_norm": grad_norm.item(),
+        "mean_tokens": n_tokens / len(texts),
+    }
+
+
+# -----------------------------------------------------------------------------
+# Main: warm-start, then the RL loop
+
+
+def warm_start(model, tokenizer, problems, path, args, amp, jargon_frac, name):
+    """SFT once and save under the run folder; a later run in the same folder reuses it."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        print(f"{name}: reusing the warm-start in {path}")
+        return load_model(path, next(model.parameters()).device)[0]
+    sft(model, tokenizer, problems, args.sft_steps, args.sft_batch_size, args.sft_lr, jargon_frac, args.seed, amp, name)
+    save_model(model, tokenizer, path)
+    return model
+
+
+def log_metrics(log, row):
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
+    amp = autocast(device, args.dtype)
+
+    train = load_gsm8k("train", args.data)
+    test = load_gsm8k("test", args.data)[:args.eval_limit] if args.eval_every else []
+    strong, tokenizer = load_model(args.strong, device)
+    weak, weak_tokenizer = load_model(args.weak, device)
+    check_same_tokenizer(tokenizer, weak_tokenizer)
+
+    out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(vars(args) | {"out": out}, f, indent=2)
+    print(f"run folder: {out} | device {device} | {len(train)} train problems")
+
+    if args.sft_steps > 0:
+        # The strong model learns the jargon; the weak one sees the same solutions without it.
+        strong = warm_start(strong, tokenizer, train, os.path.join(out, "sft", "strong"), args, amp,
+                            args.sft_jargon_frac, "sft strong")
+        weak = warm_start(weak, tokenizer, train, os.path.join(out, "sft", "weak"), args, amp, 0.0, "sft weak")
+    weak.requires_grad_(False)
+
+    def evaluation(step):
+        from eval import evaluate  # eval.py imports this file, so import it only when needed
+
+        result = evaluate(strong, weak, tokenizer, test, args.handoff_prob, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size * args.samples_per_prompt, seed=args.seed, amp=amp)
+        print(f"eval at step {step} | strong {result['strong_accuracy']:.3f} | tandem {result['tandem_accuracy']:.3f} | "
+              f"jargon {result['jargon_rate']:.2f} | weak NLL {result['weak_nll']:.3f}", flush=True)
+        log_metrics(log, {"step": step, "kind": "eval"} | result)
+        return result
+
+    # Sampling and the gradient pass both run in eval mode: with dropout on, the gradient would be
+    # taken under a different policy from the one that sampled.
+    strong.eval()
+    optimizer = torch.optim.AdamW(strong.parameters(), lr=args.lr, weight_decay=0.0)
+    rng = random.Random(args.seed)
+    with open(os.path.join(out, "metrics.jsonl"), "w") as log:
+        if args.eval_every:
+            result = evaluation(0)  # every run records its starting point
+        for step in range(1, args.steps + 1):
+            t0 = time.time()
+            batch = rng.sample(train, min(args.batch_size, len(train)))
+            metrics = {"step": step, "kind": "train"} | rl_step(strong, weak, tokenizer, optimizer, batch, args, amp)
+            metrics["seconds"] = time.time() - t0
+            log_metrics(log, metrics)
+            print(f"step {step}/{args.steps} | reward {metrics['reward']:.3f} | jargon {metrics['jargon_rate']:.2f} | "
+                  f"weak {metrics['weak_frac']:.2f} | loss {metrics['loss']:+.4f} | {metrics['seconds']:.1f}s", flush=True)
+            if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+                result = evaluation(step)
+
+    save_model(strong, tokenizer, os.path.join(out, "final"))
+    if args.eval_every:
+        with open(os.path.join(out, "eval.json.tmp"), "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(os.path.join(out, "eval.json.tmp"), os.path.join(out, "eval.json"))
+    print(f"saved {os.path.join(out, 'final')}")
+
+
+def run_cli(main):
+    """Bad input ends in one line on stderr and exit code 2, not a traceback."""
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    import tandem  # this file again, as the module eval.py imports: one UsageError class for both
+
+    tandem.run_cli(tandem.main)

@@ -1,0 +1,478 @@
+"""Tests of the tandem training core, offline, on tiny GPT-2 models built here.
+
+    pytest            # the whole suite
+    pytest -s -k learn  # also show the figures the learning tests print
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import eval as evaluation  # noqa: E402
+import tandem  # noqa: E402
+from tandem import (  # noqa: E402
+    Rollout, baseline, completion_logprobs, extract_answer, has_jargon, load_gsm8k, policy_gradient, position_ids,
+    reward, strip_jargon, tandem_generate,
+)
+
+HERE = Path(__file__).resolve().parent
+SHARED_GSM8K = HERE.parent / "shared" / "gsm8k"
+
+# Three GSM8K test problems, verbatim (MIT licence, github.com/openai/grade-school-math): a plain
+# answer, a gold with a comma, and a negative gold.
+GSM8K_SAMPLES = [
+    {"question": "Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for her friends every day with four. She sells the remainder at the farmers' market daily for $2 per fresh duck egg. How much in dollars does she make every day at the farmers' market?",
+     "answer": "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day at the farmer\u2019s market.\n#### 18"},
+    {"question": "Johnny is picking up the toys on the floor of his room.  He'd dumped a lego boxed set with 500 pieces on the floor, and another one that had 3 times more pieces than the 500 piece one, and another one that had 1/4 the number of pieces.  How many blocks does Johnny pick up if he picks up all the legos?",
+     "answer": "The first set had 500 pieces, and the second set had 3 times as many as the first set, so the second set has 500*3=<<500*3=1500>>1500 pieces\nThe third set had one-quarter of the 500 pieces, so that means it had 500*.25= <<500*.25=125>>125 pieces\nIn total, that means Johnny picked up 500 + 1500+ 125= <<500+1500+125=2125>>2125 blocks\n#### 2,125"},
+    {"question": "The highest temperature ever recorded in Southlandia is -48 degrees Fahrenheit. The highest temperature ever recorded in Northlandia is 21 degrees Fahrenheit. The highest temperature recorded in Midlandia is -3 degrees Fahrenheit. What is the average highest temperature of these 3 countries?",
+     "answer": "-48 + 21 + (-3) = <<-48+21+(-3)=-30>>-30\n-30/3 = <<-30/3=-10>>-10 degrees\nThe average highest temperature recorded in Southlandia, Northlandia, and Midlandia is -10 degrees Fahrenheit.\n#### -10"},
+]
+GSM8K_GOLDS = ["18", "2125", "-10"]
+
+
+def toy_problems(n, seed=0):
+    """Single-digit sums in GSM8K format, with calculator annotations."""
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        problems.append({"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"})
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# Tiny models
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [tandem.format_prompt(p["question"]) + " " + p["answer"] for p in toy_problems(200) + GSM8K_SAMPLES]
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.padding_side = "left"
+    return fast
+
+
+def make_model(path, tokenizer, n_layer, seed, vocab_size=None):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=vocab_size or len(tokenizer), n_positions=128, n_embd=48, n_layer=n_layer, n_head=2,
+                        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    tok = make_tokenizer()
+    strong = make_model(root / "strong", tok, n_layer=2, seed=1)
+    weak = make_model(root / "weak", tok, n_layer=1, seed=2)
+    return Namespace(root=root, tok=tok, strong=strong, weak=weak)
+
+
+def left_padded(tok, texts):
+    enc = tok(texts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+PROMPTS = ["Question: What is 2 plus 3?\nAnswer:", "Question: 7?\nAnswer:",
+           "Question: What is 9 plus 9? Think.\nAnswer: 9", "Q"]
+
+
+# -----------------------------------------------------------------------------
+# Reward
+
+
+def test_extract_answer_formats():
+    assert extract_answer("so 9*2=18\n#### 18") == "18"
+    assert extract_answer("####18") == "18"
+    assert extract_answer("#### $1,234.50 in total") == "1234.5"
+    assert extract_answer("#### 18.") == "18"
+    assert extract_answer("#### 18.00 dollars") == "18"
+    assert extract_answer("#### -10 degrees") == "-10"
+    assert extract_answer("#### $-3") == "-3"
+    assert extract_answer("#### 0.5") == "0.5"
+    assert extract_answer("#### 3\n#### 4") == "3"  # the first one counts
+    assert extract_answer("The answer is 18.") is None
+    assert extract_answer("#### eighteen") is None
+    assert extract_answer("") is None
+
+
+def test_reward_on_real_gsm8k_answers():
+    for problem, gold in zip(GSM8K_SAMPLES, GSM8K_GOLDS):
+        answer = problem["answer"]
+        assert reward(answer, answer) == 1.0
+        assert reward(answer, gold) == 1.0  # a bare gold number
+        assert reward(strip_jargon(answer), answer) == 1.0
+        assert reward(answer.rsplit("####", 1)[0], answer) == 0.0  # no "####": no reward
+        assert reward(f"#### {int(gold) + 1}", answer) == 0.0
+    assert reward("so 2125 blocks.\n#### 2125", GSM8K_SAMPLES[1]["answer"]) == 1.0
+    assert reward(" 9 * 2 = 18 dollars.\n#### $18.00<|endoftext|>", GSM8K_SAMPLES[0]["answer"]) == 1.0
+    assert reward("#### 10", GSM8K_SAMPLES[2]["answer"]) == 0.0  # the sign matters
+
+
+@pytest.mark.skipif(not SHARED_GSM8K.is_dir(), reason="needs ../shared/gsm8k")
+def test_reward_on_the_whole_dataset():
+    for split, size in [("train", 7473), ("test", 1319)]:
+        problems = load_gsm8k(split, str(SHARED_GSM8K))
+        assert len(problems) == size
+        for p in problems:
+            gold = extract_answer(p["answer"])
+            assert gold is not None and gold.lstrip("-").isdigit(), p["answer"]  # every gold is an integer
+            assert reward(p["answer"], p["answer"]) == 1.0
+            assert reward(strip_jargon(p["answer"]), gold) == 1.0
+            assert not has_jargon(strip_jargon(p["answer"]))
+    test = load_gsm8k("test", str(SHARED_GSM8K))
+    assert sum("," in p["answer"].split("####")[-1] for p in test) == 14
+    assert sum(extract_answer(p["answer"]).startswith("-") for p in test) == 2
+
+
+def test_jargon():
+    assert strip_jargon("9*2=<<9*2=18>>18") == "9*2=18"
+    assert has_jargon(GSM8K_SAMPLES[0]["answer"])
+    assert not has_jargon(strip_jargon(GSM8K_SAMPLES[1]["answer"]))
+    assert not has_jargon("1 < 2 and 3 > 2, so << alone is no annotation")
+    assert strip_jargon("no annotations") == "no annotations"
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def test_load_gsm8k_local(tmp_path):
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(p) for p in GSM8K_SAMPLES) + "\n")
+    assert load_gsm8k("train", str(tmp_path)) == GSM8K_SAMPLES
+    assert load_gsm8k("test", str(tmp_path / "train.jsonl")) == GSM8K_SAMPLES  # one file serves any split
+    with pytest.raises(tandem.UsageError, match="no test.jsonl"):
+        load_gsm8k("test", str(tmp_path))
+    (tmp_path / "bad.jsonl").write_text(json.dumps(GSM8K_SAMPLES[0]) + "\n{oops\n")
+    with pytest.raises(tandem.UsageError, match="line 2"):
+        load_gsm8k("train", str(tmp_path / "bad.jsonl"))
+
+
+# -----------------------------------------------------------------------------
+# Tandem decoding
+
+
+def hf_greedy(model, ids, attn, n, eos):
+    out = model.generate(ids, attention_mask=attn, do_sample=False, max_new_tokens=n, eos_token_id=eos,
+                         pad_token_id=eos)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("handoff_prob", [0.0, 1.0])
+def test_decoder_equals_generate_at_handoff_0_and_1(tiny, handoff_prob):
+    ids, attn = left_padded(tiny.tok, PROMPTS)
+    assert (attn == 0).any()  # prompts of different lengths: some rows are padded
+    owner = tiny.weak if handoff_prob == 1 else tiny.strong
+    # Use a token the model emits early as "eos", so that rows finish at different steps.
+    free = hf_greedy(owner, ids, attn, 12, eos=None)
+    eos = free[0, 3].item()
+    expected = hf_greedy(owner, ids, attn, 24, eos)
+    got = tandem_generate(tiny.strong, tiny.weak, ids, attn, handoff_prob, 24, 0.0, eos)
+    assert torch.equal(got.tokens, expected)
+    assert bool(got.from_weak[got.mask].all()) == (handoff_prob == 1) and not got.from_weak[~got.mask].any()
+    for row, keep in zip(got.tokens, got.mask):  # mask: up to and including the first eos
+        first_eos = (row == eos).nonzero()
+        n = first_eos[0, 0].item() + 1 if len(first_eos) else len(row)
+        assert keep[:n].all() and not keep[n:].any()
+
+
+def test_decoder_tokens_are_their_owners_argmax_uncached(tiny):
+    torch.manual_seed(0)
+    ids, attn = left_padded(tiny.tok, PROMPTS)
+    got = tandem_generate(tiny.strong, tiny.weak, ids, attn, 0.5, 20, 0.0, tiny.tok.eos_token_id)
+    assert got.from_weak.any() and (~got.from_weak).any()
+    seq, seq_attn = ids, attn
+    for t in range(got.tokens.shape[1]):
+        with torch.no_grad():
+            logits = {m: m(seq, attention_mask=seq_attn, position_ids=position_ids(seq_attn)).logits[:, -1]
+                      for m in (tiny.strong, tiny.weak)}
+        owner_argmax = torch.where(got.from_weak[:, t], logits[tiny.weak].argmax(-1), logits[tiny.strong].argmax(-1))
+        assert torch.equal(got.tokens[got.mask[:, t], t], owner_argmax[got.mask[:, t]]), f"step {t}"
+        seq = torch.cat([seq, got.tokens[:, t:t + 1]], 1)
+        seq_attn = torch.cat([seq_attn, torch.ones_like(seq_attn[:, :1])], 1)
+
+
+def test_decoder_samples_only_real_tokens_from_padded_output_layers(tiny, tmp_path):
+    padded = make_model(tmp_path / "padded", tiny.tok, n_layer=1, seed=3, vocab_size=len(tiny.tok) + 64)
+    ids, attn = left_padded(tiny.tok, PROMPTS * 4)
+    torch.manual_seed(0)
+    got = tandem_generate(padded, padded, ids, attn, 0.5, 40, 2.0, tiny.tok.eos_token_id, vocab_size=len(tiny.tok))
+    assert got.tokens.max() < len(tiny.tok)
+    torch.manual_seed(0)
+    unguarded = tandem_generate(padded, padded, ids, attn, 0.5, 40, 2.0, tiny.tok.eos_token_id)
+    assert unguarded.tokens.max() >= len(tiny.tok)  # the test would catch a missing cut
+
+
+def test_decoder_is_seeded(tiny):
+    ids, attn = left_padded(tiny.tok, PROMPTS)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(tandem_generate(tiny.strong, tiny.weak, ids, attn, 0.5, 16, 0.7, tiny.tok.eos_token_id))
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].from_weak, runs[1].from_weak)
+
+
+# -----------------------------------------------------------------------------
+# REINFORCE
+
+
+def test_baselines():
+    r = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    assert torch.allclose(baseline(r, "loo"), torch.tensor([[0.0, 0.5, 0.5], [1.0, 1.0, 1.0]]))
+    assert torch.allclose(baseline(r, "mean"), torch.tensor([[1 / 3] * 3, [1.0] * 3]))
+    assert torch.equal(baseline(r, "none"), torch.zeros_like(r))
+
+
+def rollout_for_loss(tiny):
+    ids, attn = left_padded(tiny.tok, PROMPTS)
+    torch.manual_seed(3)
+    roll = tandem_generate(tiny.strong, tiny.weak, ids, attn, 0.5, 12, 1.0, tiny.tok.eos_token_id)
+    # Finish row 1 early on an eos the strong model sampled, so eos and the padding after it are both tested.
+    roll.tokens[1, 5], roll.from_weak[1, 5] = tiny.tok.eos_token_id, False
+    roll.tokens[1, 6:], roll.from_weak[1, 6:], roll.mask[1, 6:] = tiny.tok.eos_token_id, False, False
+    return ids, attn, roll
+
+
+def grads(model):
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+
+
+def test_gradient_is_zero_when_rewards_equal_the_baseline(tiny):
+    ids, attn, roll = rollout_for_loss(tiny)
+    tiny.strong.zero_grad(set_to_none=True)
+    rewards = torch.ones(len(PROMPTS)).view(-1, 2)
+    advantages = (rewards - baseline(rewards, "loo")).view(-1)
+    policy_gradient(tiny.strong, ids, attn, roll, advantages, 1.0, 2)
+    assert grads(tiny.strong).abs().max() == 0
+
+
+def test_gradient_counts_only_the_strong_models_own_tokens(tiny):
+    """The accumulated gradient equals a direct computation: one uncached forward per rollout, summing
+    log p over the strong model's tokens (eos included; weak tokens and padding excluded)."""
+    ids, attn, roll = rollout_for_loss(tiny)
+    advantages = torch.tensor([1.0, -0.5, 0.25, 2.0])
+    tiny.strong.zero_grad(set_to_none=True)
+    policy_gradient(tiny.strong, ids, attn, roll, advantages, 0.7, micro_batch_size=3)
+    got = grads(tiny.strong)
+
+    tiny.strong.zero_grad(set_to_none=True)
+    own = roll.mask & ~roll.from_weak
+    assert roll.from_weak[roll.mask].any() and own[1, 5]  # weak tokens present; row 1's eos is the strong one's
+    total = 0
+    for i in range(len(PROMPTS)):
+        prompt = ids[i][attn[i].bool()]
+        n = int(roll.mask[i].sum())
+        seq = torch.cat([prompt, roll.tokens[i, :n]])[None]
+        logp = torch.log_softmax(tiny.strong(seq).logits[0, len(prompt) - 1:-1] / 0.7, -1)
+        chosen = logp.gather(-1, roll.tokens[i, :n, None]).squeeze(-1)
+        total = total - advantages[i] * chosen[own[i, :n]].sum()
+    (total / own.sum()).backward()
+    expected = grads(tiny.strong)
+    tiny.strong.zero_grad(set_to_none=True)
+    assert torch.allclose(got, expected, atol=1e-6), (got - expected).abs().max()
+
+
+def test_gradient_step_raises_logprob_of_rewarded_tokens(tiny):
+    ids, attn, roll = rollout_for_loss(tiny)
+    own = roll.mask & ~roll.from_weak
+    model = tandem.AutoModelForCausalLM.from_pretrained(tiny.root / "strong").eval()
+
+    def own_logprob():
+        with torch.no_grad():
+            return (completion_logprobs(model, ids, attn, roll.tokens, roll.mask, 1.0) * own).sum(1)
+
+    before = own_logprob()
+    advantages = torch.tensor([1.0, -1.0, 0.0, 0.0])
+    policy_gradient(model, ids, attn, roll, advantages, 1.0, 4)
+    assert torch.equal(grads(model).ne(0), grads(model).ne(0))  # finite, defined
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.05 * p.grad
+    after = own_logprob()
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_weak_tokens_get_no_gradient(tiny):
+    ids, attn, roll = rollout_for_loss(tiny)
+    all_weak = Rollout(roll.tokens, roll.mask.clone(), roll.mask)
+    tiny.strong.zero_grad(set_to_none=True)
+    loss = policy_gradient(tiny.strong, ids, attn, all_weak, torch.tensor([1.0, -1.0, 1.0, -1.0]), 1.0, 4)
+    assert loss == 0 and grads(tiny.strong).abs().max() == 0
+
+
+def test_tokenizers_must_match(tiny):
+    other = make_tokenizer()
+    tandem.check_same_tokenizer(tiny.tok, other)
+    other.add_tokens(["<<jargon>>"])
+    with pytest.raises(tandem.UsageError, match="tokenizers differ"):
+        tandem.check_same_tokenizer(tiny.tok, other)
+
+
+# -----------------------------------------------------------------------------
+# Learning, end to end
+
+
+def test_reinforce_learns_a_learnable_task(tiny, tmp_path):
+    """SFT teaches the answer format with random digits; REINFORCE must then find the rewarded digit."""
+    tok = tiny.tok
+    model = make_model(tmp_path / "m", tok, n_layer=2, seed=5)
+    rng = random.Random(0)
+    questions = [f"Copy {d}" for d in range(10)]
+    tandem.sft(model, tok, [{"question": q, "answer": f"#### {rng.randint(0, 9)}"} for q in questions * 20],
+               steps=80, batch_size=16, lr=3e-3, jargon_frac=1.0, seed=0)
+    problems = [{"question": q, "answer": "#### 7"} for q in questions]
+    args = Namespace(samples_per_prompt=4, handoff_prob=0.0, max_new_tokens=6, temperature=1.0, baseline="loo",
+                     micro_batch_size=16, grad_clip=1.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    torch.manual_seed(0)
+    rewards = [tandem.rl_step(model, model, tok, optimizer, problems, args)["reward"] for _ in range(30)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    print(f"\nREINFORCE, 30 steps of 40 rollouts: reward {first:.2f} (first 5 steps) -> {last:.2f} (last 5)")
+    assert first < 0.4 and last > 0.8
+
+
+def test_cli_end_to_end(tiny, tmp_path):
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    for split, n, seed in [("train", 200, 0), ("test", 20, 1)]:
+        (data / f"{split}.jsonl").write_text("\n".join(json.dumps(p) for p in toy_problems(n, seed)) + "\n")
+    out = tmp_path / "run"
+
+    def tandem_cli(*flags):
+        cmd = [sys.executable, str(HERE / "tandem.py"), "--strong", str(tiny.root / "strong"), "--weak",
+               str(tiny.root / "weak"), "--data", str(data), "--out", str(out), "--sft-steps", "200", "--sft-lr",
+               "3e-3", "--lr", "1e-3", "--batch-size", "8", "--max-new-tokens", "24", "--temperature", "1.0",
+               "--device", "cpu", "--seed", "0", *flags]
+        run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    assert "step 3/3" in tandem_cli("--steps", "3", "--eval-every", "2", "--eval-limit", "8")
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in log if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    evals = [r for r in log if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 3]  # the starting point, every 2 steps, the end
+    assert all({"strong_accuracy", "tandem_accuracy", "jargon_rate"} <= r.keys() for r in evals)
+    assert json.loads((out / "eval.json").read_text())["n"] == 8
+    for r in rows:
+        assert {"reward", "jargon_rate", "weak_frac", "loss", "seconds"} <= r.keys()
+        assert 0 <= r["reward"] <= 1 and 0 <= r["jargon_rate"] <= 1 and 0 < r["weak_frac"] < 1
+    assert any(r["reward"] > 0 for r in rows)
+    assert json.loads((out / "config.json").read_text())["handoff_prob"] == 0.5
+    final = tandem.AutoModelForCausalLM.from_pretrained(out / "final")
+    start = tandem.AutoModelForCausalLM.from_pretrained(out / "sft" / "strong")
+    tandem.AutoTokenizer.from_pretrained(out / "final")
+    changed = [n for (n, a), b in zip(final.named_parameters(), start.parameters()) if not torch.equal(a, b)]
+    assert changed, "RL did not change the strong model"
+    # A second run in the same folder reuses the warm-start instead of training it again.
+    assert "reusing the warm-start" in tandem_cli("--steps", "1", "--eval-every", "0")
+
+
+# -----------------------------------------------------------------------------
+# eval.py
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in model that writes the same text after every prompt, so its answers are known."""
+
+    def __init__(self, tokenizer, text):
+        super().__init__()
+        self.script = torch.tensor(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
+        self.config = None  # only tandem_generate's DynamicCache reads it, and it needs none
+        self.vocab_size = len(tokenizer)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, **_):
+        if input_ids.shape[1] > 1:  # the prompt: remember where each row's completion starts
+            self.start = attention_mask.sum(-1, keepdim=True)
+        k = (position_ids[:, -1:] + 1 - self.start).clamp(max=len(self.script) - 1)
+        logits = torch.full((input_ids.shape[0], 1, self.vocab_size), -30.0)
+        logits.scatter_(-1, self.script[k][..., None], 30.0)
+        return Namespace(logits=logits)
+
+
+def test_evaluate_keys_and_ranges(tiny):
+    problems = toy_problems(6, seed=3)
+    result = evaluation.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, curve=[0.0, 0.5, 1.0],
+                                 max_new_tokens=12, batch_size=4)
+    assert result["n"] == 6
+    for key in ["strong_accuracy", "weak_accuracy", "tandem_accuracy", "jargon_rate", "tandem_jargon_rate",
+                "flexible_accuracy"]:
+        assert 0 <= result[key] <= 1, key
+    assert result["weak_nll"] > 0 and 0 < result["mean_tokens"] <= 12
+    assert [c["handoff_prob"] for c in result["curve"]] == [0.0, 0.5, 1.0]
+    assert result["curve"][0]["accuracy"] == result["strong_accuracy"]
+    assert result["curve"][-1]["accuracy"] == result["weak_accuracy"]
+    again = evaluation.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, max_new_tokens=12, batch_size=3,
+                                temperature=1.0, seed=4)
+    assert again == evaluation.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, max_new_tokens=12,
+                                        batch_size=3, temperature=1.0, seed=4)  # seeded
+
+
+def test_evaluate_accuracy_and_legibility_by_hand(tiny):
+    problems = toy_problems(10, seed=4)
+    solution = " 3+4=<<3+4=7>>7\n#### 7"
+    strong = Scripted(tiny.tok, solution)
+    result = evaluation.evaluate(strong, tiny.weak, tiny.tok, problems, 0.5, curve=[0.0, 1.0], max_new_tokens=30,
+                                 batch_size=4)
+    golds = [tandem.extract_answer(p["answer"]) for p in problems]
+    assert 0 < golds.count("7") < len(golds)
+    assert result["strong_accuracy"] == golds.count("7") / len(golds)
+    assert result["flexible_accuracy"] == result["strong_accuracy"]
+    assert result["jargon_rate"] == 1.0
+    assert result["mean_tokens"] == len(strong.script)
+    assert result["curve"][0]["accuracy"] == result["strong_accuracy"]
+    assert result["curve"][1]["accuracy"] == result["weak_accuracy"]
+    # Legibility: the weak model's mean NLL of the script, one uncached forward per problem.
+    nll = []
+    for p in problems:
+        prompt = torch.tensor(tiny.tok(tandem.format_prompt(p["question"]))["input_ids"])
+        with torch.no_grad():
+            logits = tiny.weak(torch.cat([prompt, strong.script])[None]).logits[0, len(prompt) - 1:-1]
+        nll += (-torch.log_softmax(logits, -1).gather(-1, strong.script[:, None])).squeeze(-1).tolist()
+    assert abs(result["weak_nll"] - sum(nll) / len(nll)) < 1e-4
+
+
+def test_flexible_answer():
+    assert evaluation.flexible_answer("so she pays $1,200.00 in total.") == "1200"
+    assert evaluation.flexible_answer("#### 5 then 6") == "6"
+    assert evaluation.flexible_answer("no numbers") is None
+
+
+def test_eval_cli_writes_json(tiny, tmp_path):
+    data = tmp_path / "test.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in toy_problems(5, seed=2)) + "\n")
+    cmd = [sys.executable, str(HERE / "eval.py"), "--strong", str(tiny.root / "strong"), "--weak",
+           str(tiny.root / "weak"), "--data", str(data), "--limit", "4", "--max-new-tokens", "10", "--curve", "0,1",
+           "--batch-size", "2", "--examples", "1", "--json", str(tmp_path / "eval.json"), "--device", "cpu"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["n"] == 4 and {"strong_accuracy", "weak_accuracy", "tandem_accuracy", "weak_nll", "curve"} <= result.keys()
+    assert "strong alone" in run.stdout and "[tandem, weak tokens in {}]" in run.stdout
