@@ -65,11 +65,12 @@ def weak_nll(weak, batches, vocab_size):
 
 
 def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_new_tokens=256, temperature=0.0,
-             batch_size=32, seed=0, amp=None, progress=None, keep_rollouts=False):
+             batch_size=32, seed=0, amp=None, progress=None, runs=None):
     """The metrics of eval.py as a dict. Runs in its own RNG stream, so evaluating in the middle of
-    training neither depends on nor disturbs the training run's random state."""
+    training neither depends on nor disturbs the training run's random state. A dict passed as
+    `runs` receives the decoded solutions: {handoff_prob: (texts, [(prompt encoding, rollout)])}."""
     amp = amp or tandem.nullcontext()
-    runs = {}
+    runs = {} if runs is None else runs
 
     def at(p):  # each handoff probability is decoded once, whichever metrics use it
         if p not in runs:
@@ -100,8 +101,6 @@ def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_
         }
         if curve:
             result["curve"] = [{"handoff_prob": p, "accuracy": accuracy(at(p)[0])} for p in curve]
-    if keep_rollouts:  # for --examples: the tandem rollouts, to show which tokens the weak model wrote
-        result["_runs"] = runs
     return result
 
 
@@ -180,19 +179,18 @@ def main(argv=None):
     weak, weak_tokenizer = tandem.load_model(args.weak, device)
     tandem.check_same_tokenizer(tokenizer, weak_tokenizer)
 
-    t0 = time.time()
-    # Progress on stderr: one line rewritten in a terminal, a line per batch in a log file.
-    tty = sys.stderr.isatty()
+    # Progress on stderr for runs of more than one batch: one line rewritten in a terminal, a line
+    # per batch in a log file.
+    tty, long_run = sys.stderr.isatty(), len(problems) > args.batch_size
 
     def show(msg):
         print(f"\r{msg}   " if tty else msg, end="" if tty else "\n", file=sys.stderr, flush=True)
 
-    show = show if len(problems) > args.batch_size else None
+    t0, runs = time.time(), {}
     result = evaluate(strong, weak, tokenizer, problems, args.handoff_prob, args.curve, args.max_new_tokens,
-                      args.temperature, args.batch_size, args.seed, amp, show, keep_rollouts=args.examples > 0)
-    if show and tty:
+                      args.temperature, args.batch_size, args.seed, amp, show if long_run else None, runs)
+    if long_run and tty:
         print(file=sys.stderr)
-    runs = result.pop("_runs", {})
     print(report(result, args))
     print(f"({time.time() - t0:.1f}s)")
     for i in range(min(args.examples, len(problems))):

@@ -273,29 +273,33 @@ def tandem_generate(strong, weak, input_ids, attention_mask, handoff_prob, max_n
     # One attention-mask buffer for the whole rollout, read through a growing slice.
     attn = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
     next_position = attention_mask.long().sum(-1, keepdim=True)
-    # A model that can never own a token has no reason to read any.
-    models = {"strong": strong if handoff_prob < 1 else None, "weak": weak if handoff_prob > 0 else None}
-    caches = {k: DynamicCache(config=m.config) for k, m in models.items() if m is not None}
-    logits = {k: m(input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                   cache=caches[k], use_cache=True, logits_to_keep=1).logits[:, -1, :vocab_size]
-              for k, m in models.items() if m is not None}
+    # A model that can never own a token (handoff 0 or 1) has no reason to read any.
+    readers = {"strong": strong, "weak": weak}
+    if handoff_prob == 0:
+        del readers["weak"]
+    if handoff_prob == 1:
+        del readers["strong"]
+    caches = {name: DynamicCache(config=model.config) for name, model in readers.items()}
+
+    def read(ids, attn, positions):  # feed tokens to every reader; return its next-token logits
+        return {name: model(ids, attention_mask=attn, position_ids=positions, cache=caches[name], use_cache=True,
+                            logits_to_keep=1).logits[:, -1, :vocab_size] for name, model in readers.items()}
+
+    logits = read(input_ids, attention_mask, position_ids(attention_mask))
     for t in range(max_new_tokens):
         owner_weak = torch.rand(B, device=device) < handoff_prob
-        if models["strong"] is None or models["weak"] is None:
-            step_logits = next(iter(logits.values()))
+        if len(readers) == 2:
+            owner_logits = torch.where(owner_weak[:, None], logits["weak"], logits["strong"])
         else:
-            step_logits = torch.where(owner_weak[:, None], logits["weak"], logits["strong"])
-        token = sample(step_logits, temperature).masked_fill(done, eos_token_id)
+            owner_logits = next(iter(logits.values()))
+        token = sample(owner_logits, temperature).masked_fill(done, eos_token_id)
         tokens[:, t] = token
         from_weak[:, t] = owner_weak & ~done
         mask[:, t] = ~done
         done |= token == eos_token_id
         if t == max_new_tokens - 1 or done.all():  # the one host sync per token
             break
-        for k, m in models.items():
-            if m is not None:
-                logits[k] = m(token[:, None], attention_mask=attn[:, :P + t + 1], position_ids=next_position + t,
-                              cache=caches[k], use_cache=True).logits[:, -1, :vocab_size]
+        logits = read(token[:, None], attn[:, :P + t + 1], next_position + t)
     n = t + 1
     return Rollout(tokens[:, :n], from_weak[:, :n], mask[:, :n])
 
@@ -412,14 +416,13 @@ def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(
     """One tandem rollout batch and one REINFORCE update of `strong`; returns the step's metrics."""
     device = next(strong.parameters()).device
     k = args.samples_per_prompt
-    prompts = [format_prompt(p["question"]) for p in problems for _ in range(k)]
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    repeated = [p for p in problems for _ in range(k)]  # a prompt's k samples sit side by side
+    enc = tokenizer([format_prompt(p["question"]) for p in repeated], return_tensors="pt", padding=True).to(device)
     with amp:
         rollout = tandem_generate(strong, weak, enc["input_ids"], enc["attention_mask"], args.handoff_prob,
                                   args.max_new_tokens, args.temperature, tokenizer.eos_token_id, len(tokenizer))
     texts = completion_texts(tokenizer, rollout)
-    rewards = torch.tensor([reward(t, p["answer"]) for t, p in zip(texts, (p for p in problems for _ in range(k)))],
-                           device=device)
+    rewards = torch.tensor([reward(t, p["answer"]) for t, p in zip(texts, repeated)], device=device)
     advantages = (rewards.view(-1, k) - baseline(rewards.view(-1, k), args.baseline)).view(-1)
     loss = policy_gradient(strong, enc["input_ids"], enc["attention_mask"], rollout, advantages, args.temperature,
                            args.micro_batch_size, len(tokenizer), amp)
