@@ -12,8 +12,6 @@ For a strong/weak pair it measures, with the same `reward` and `tandem_generate`
 """
 
 import argparse
-import json
-import os
 import re
 import sys
 import time
@@ -32,7 +30,7 @@ def flexible_answer(text):
 
 
 def flexible_reward(completion, gold):
-    return float(flexible_answer(completion) == tandem.extract_answer(gold if "####" in gold else "####" + gold))
+    return float(flexible_answer(completion) == tandem.gold_answer(gold))
 
 
 @torch.no_grad()
@@ -200,10 +198,7 @@ def main(argv=None):
             rollout = runs[p][1][b][1]
             print(f"[{name}]\n{marked(tokenizer, rollout.tokens[r], rollout.from_weak[r], rollout.mask[r]).strip()}")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        tandem.save_json(args.json, result)
 
 
 if __name__ == "__main__":

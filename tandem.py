@@ -173,11 +173,15 @@ def extract_answer(text):
     return normalize_number(match[1] or match[2], match[3])
 
 
+def gold_answer(gold):
+    """The normalised gold number, from a full GSM8K answer ('... #### 18') or a bare number ('18')."""
+    return extract_answer(gold if "####" in gold else "####" + gold)
+
+
 def reward(completion, gold):
-    """1.0 when the completion's '#### N' equals the gold answer (a GSM8K answer or a bare number), else 0.0."""
-    target = extract_answer(gold if "####" in gold else "####" + gold)
+    """1.0 when the completion's '#### N' equals the gold answer, else 0.0."""
     answer = extract_answer(completion)
-    return float(answer is not None and answer == target)
+    return float(answer is not None and answer == gold_answer(gold))
 
 
 def has_jargon(text):
@@ -347,6 +351,13 @@ def sft(model, tokenizer, problems, steps, batch_size, lr, jargon_frac, seed, am
     return model.eval()
 
 
+def save_json(path, obj):
+    """Write aside, then rename: a reader never sees half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def save_model(model, tokenizer, path):
     """save_pretrained into a side folder, then rename: a kill never leaves a half-written model."""
     tmp, old = path + ".tmp", path + ".old"
@@ -444,16 +455,6 @@ def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(
 # Main: warm-start, then the RL loop
 
 
-def warm_start(model, tokenizer, problems, path, args, amp, jargon_frac, name):
-    """SFT once and save under the run folder; a later run in the same folder reuses it."""
-    if os.path.exists(os.path.join(path, "config.json")):
-        print(f"{name}: reusing the warm-start in {path}")
-        return load_model(path, next(model.parameters()).device)[0]
-    sft(model, tokenizer, problems, args.sft_steps, args.sft_batch_size, args.sft_lr, jargon_frac, args.seed, amp, name)
-    save_model(model, tokenizer, path)
-    return model
-
-
 def log_metrics(log, row):
     log.write(json.dumps(row) + "\n")
     log.flush()
@@ -470,21 +471,28 @@ def main(argv=None):
 
     train = load_gsm8k("train", args.data)
     test = load_gsm8k("test", args.data)[:args.eval_limit] if args.eval_every else []
-    strong, tokenizer = load_model(args.strong, device)
-    weak, weak_tokenizer = load_model(args.weak, device)
+    out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    # The warm-start is saved under the run folder; a later run in the same folder loads it instead.
+    sft_path = {role: os.path.join(out, "sft", role) for role in ("strong", "weak")}
+    reused = {role: args.sft_steps > 0 and os.path.exists(os.path.join(path, "config.json"))
+              for role, path in sft_path.items()}
+    strong, tokenizer = load_model(sft_path["strong"] if reused["strong"] else args.strong, device)
+    weak, weak_tokenizer = load_model(sft_path["weak"] if reused["weak"] else args.weak, device)
     check_same_tokenizer(tokenizer, weak_tokenizer)
 
-    out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(vars(args) | {"out": out}, f, indent=2)
+    save_json(os.path.join(out, "config.json"), vars(args) | {"out": out})
     print(f"run folder: {out} | device {device} | {len(train)} train problems")
 
     if args.sft_steps > 0:
         # The strong model learns the jargon; the weak one sees the same solutions without it.
-        strong = warm_start(strong, tokenizer, train, os.path.join(out, "sft", "strong"), args, amp,
-                            args.sft_jargon_frac, "sft strong")
-        weak = warm_start(weak, tokenizer, train, os.path.join(out, "sft", "weak"), args, amp, 0.0, "sft weak")
+        for role, model, jargon_frac in [("strong", strong, args.sft_jargon_frac), ("weak", weak, 0.0)]:
+            if reused[role]:
+                print(f"sft {role}: reusing the warm-start in {sft_path[role]}")
+                continue
+            sft(model, tokenizer, train, args.sft_steps, args.sft_batch_size, args.sft_lr, jargon_frac, args.seed,
+                amp, f"sft {role}")
+            save_model(model, tokenizer, sft_path[role])
     weak.requires_grad_(False)
 
     def evaluation(step):
@@ -518,9 +526,7 @@ def main(argv=None):
 
     save_model(strong, tokenizer, os.path.join(out, "final"))
     if args.eval_every:
-        with open(os.path.join(out, "eval.json.tmp"), "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(os.path.join(out, "eval.json.tmp"), os.path.join(out, "eval.json"))
+        save_json(os.path.join(out, "eval.json"), result)
     print(f"saved {os.path.join(out, 'final')}")
 
 
