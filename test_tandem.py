@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -55,32 +56,36 @@ def toy_problems(n, seed=0):
 # Tiny models
 
 
-def make_tokenizer():
+def make_tokenizer(corpus=None, vocab_size=320):
+    """A byte-level BPE tokenizer trained here, like GPT-2's but with `vocab_size` tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = [tandem.format_prompt(p["question"]) + " " + p["answer"] for p in toy_problems(200) + GSM8K_SAMPLES]
+    if corpus is None:
+        corpus = [tandem.format_prompt(p["question"]) + " " + p["answer"] for p in toy_problems(200) + GSM8K_SAMPLES]
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.padding_side = "left"
     return fast
 
 
-def make_model(path, tokenizer, n_layer, seed, vocab_size=None):
+def make_model(path, tokenizer, n_layer, seed, vocab_size=None, n_embd=48, n_head=2):
+    """A randomly initialised GPT-2, saved to `path` (with the tokenizer) unless path is None."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
-    config = GPT2Config(vocab_size=vocab_size or len(tokenizer), n_positions=128, n_embd=48, n_layer=n_layer, n_head=2,
-                        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    config = GPT2Config(vocab_size=vocab_size or len(tokenizer), n_positions=128, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     model = GPT2LMHeadModel(config).eval()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    if path is not None:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
     return model
 
 
@@ -392,6 +397,74 @@ def test_cli_end_to_end(tiny, tmp_path):
     assert changed, "RL did not change the strong model"
     # A second run in the same folder reuses the warm-start instead of training it again.
     assert "reusing the warm-start" in tandem_cli("--steps", "1", "--eval-every", "0")
+
+
+# -----------------------------------------------------------------------------
+# The paper's claim in miniature: tandem training removes jargon, plain RL keeps it
+
+
+def three_term_sums(n, seed):
+    """'a+b+c?' solved in two annotated steps, as GSM8K writes its solutions."""
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(n):
+        a, b, c = (rng.randint(0, 9) for _ in range(3))
+        ab, s = a + b, a + b + c
+        problems.append({"question": f"{a}+{b}+{c}?",
+                         "answer": f"{a}+{b}=<<{a}+{b}={ab}>>{ab}\n{ab}+{c}=<<{ab}+{c}={s}>>{s}\n#### {s}"})
+    return problems
+
+
+def test_tandem_training_removes_jargon_and_plain_rl_does_not():
+    """A strong model warm-started on mostly annotated solutions, a weak one on plain solutions.
+    From one warm-start, 80 REINFORCE steps at handoff 0.5 must make the strong model drop the
+    annotations and write text the weak one can continue, while keeping most of its solo accuracy;
+    the same 80 steps at handoff 0 (plain RL) must leave the annotations in place.
+    TANDEM_TOY_SEED picks another seed (0 to 3 were checked)."""
+    seed = int(os.environ.get("TANDEM_TOY_SEED", "0"))
+    start_time = time.time()
+    # Characters, plus whole tokens for the template words: short sequences keep the warm-start cheap.
+    tok = make_tokenizer([tandem.format_prompt("") + " #### <<>>"], vocab_size=285)
+    train, test = three_term_sums(4000, seed), three_term_sums(200, seed + 1000)
+    strong = make_model(None, tok, n_layer=3, seed=seed, n_embd=64, n_head=4)
+    weak = make_model(None, tok, n_layer=2, seed=seed + 1, n_embd=64, n_head=4)
+    # 10% of the strong model's warm-start is plain: without it, it could not read the weak model's text at all.
+    tandem.sft(strong, tok, train, steps=700, batch_size=32, lr=3e-3, jargon_frac=0.9, seed=seed, name="sft strong")
+    tandem.sft(weak, tok, train, steps=700, batch_size=32, lr=3e-3, jargon_frac=0.0, seed=seed + 1, name="sft weak")
+    weak.requires_grad_(False)
+    warm_start = {k: v.clone() for k, v in strong.state_dict().items()}
+
+    def evaluate():
+        return evaluation.evaluate(strong, weak, tok, test, 0.5, max_new_tokens=40, batch_size=200, seed=seed)
+
+    results = {"warm-start": evaluate()}
+    args = Namespace(samples_per_prompt=2, max_new_tokens=40, temperature=1.0, baseline="loo", micro_batch_size=64,
+                     grad_clip=1.0)
+    for arm, handoff_prob in [("tandem RL (handoff 0.5)", 0.5), ("plain RL (handoff 0)", 0.0)]:
+        strong.load_state_dict(warm_start)
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        optimizer = torch.optim.AdamW(strong.parameters(), lr=5e-4, weight_decay=0.0)
+        for _ in range(80):
+            tandem.rl_step(strong, weak, tok, optimizer, rng.sample(train, 32), Namespace(**vars(args), handoff_prob=handoff_prob))
+        results[arm] = evaluate()
+
+    print(f"\ntoy world, seed {seed}: weak model alone {results['warm-start']['weak_accuracy']:.3f}; greedy, "
+          f"{len(test)} test problems ({time.time() - start_time:.0f}s)")
+    print(f"{'':24s} {'strong alone':>12s} {'tandem 0.5':>10s} {'jargon':>7s} {'weak NLL':>8s}")
+    for name, r in results.items():
+        print(f"{name:24s} {r['strong_accuracy']:12.3f} {r['tandem_accuracy']:10.3f} {r['jargon_rate']:7.2f} "
+              f"{r['weak_nll']:8.3f}")
+    start, tandem_rl, plain_rl = results.values()
+    assert start["jargon_rate"] > 0.9 and start["strong_accuracy"] > 0.6  # the warm-start speaks jargon and solves sums
+    # Tandem training: the jargon goes, the pair gets much better together, the strong model stays good alone.
+    assert tandem_rl["jargon_rate"] < 0.1
+    assert tandem_rl["tandem_accuracy"] > start["tandem_accuracy"] + 0.2
+    assert tandem_rl["strong_accuracy"] > start["strong_accuracy"] - 0.25
+    assert tandem_rl["weak_nll"] < start["weak_nll"] / 3
+    # Plain RL: the same number of updates leaves the jargon, and the pair no better off than tandem RL makes it.
+    assert plain_rl["jargon_rate"] > 0.9
+    assert plain_rl["tandem_accuracy"] < tandem_rl["tandem_accuracy"] - 0.2
 
 
 # -----------------------------------------------------------------------------
