@@ -103,13 +103,167 @@ def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_
 
 
 # -----------------------------------------------------------------------------
+# Benchmark: the decoder against HF generate, and the cost of one RL step
+#
+#     python eval.py --bench --random-init --device cpu --batch-size 8 --max-new-tokens 64
+#
+# Times are medians over interleaved repeats, and every figure that matters is a ratio between
+# runs in the same process, because these machines are noisy.
+
+# gpt2 and gpt2-medium, so --random-init runs offline at the paper's sizes (other GPT2Config fields: gpt2's).
+BENCH_TEMPERATURE = 0.7  # the paper's sampling temperature
+SHAPES = {"gpt2": dict(n_embd=768, n_layer=12, n_head=12), "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16)}
+
+
+def bench_model(name, device, random_init):
+    if not random_init:
+        return tandem.load_model(name, device)[0]
+    if name not in SHAPES:
+        raise tandem.UsageError(f"--random-init knows the shapes of {' and '.join(SHAPES)}, not {name!r}")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(**SHAPES[name])).to(device).eval()
+
+
+def random_prompts(batch_size, length, vocab_size, device, seed=0):
+    """Left-padded prompts of random tokens, 90% to 110% of `length` long."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(int(0.9 * length), int(1.1 * length) + 1, (batch_size,), generator=g)
+    ids = torch.randint(vocab_size, (batch_size, int(lengths.max())), generator=g)
+    mask = torch.arange(ids.shape[1]) >= ids.shape[1] - lengths[:, None]
+    return ids.masked_fill(~mask, 0).to(device), mask.long().to(device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_decoding(strong, weak, ids, attn, new_tokens, temperature, repeats, amp):
+    """Median seconds of each way to sample `new_tokens` tokens for every prompt, no early stop."""
+    from transformers import GenerationConfig
+
+    device, vocab = ids.device, strong.config.vocab_size
+    # The same sampling as tandem_generate: temperature only, and no end token to stop early.
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=None, top_p=None, max_new_tokens=new_tokens,
+                              min_new_tokens=0, eos_token_id=None, pad_token_id=0)
+    runs = {
+        "HF generate, strong": lambda: strong.generate(ids, attention_mask=attn, generation_config=config),
+        "HF generate, weak": lambda: weak.generate(ids, attention_mask=attn, generation_config=config),
+    }
+    for p in (0.0, 0.5, 1.0):  # eos -1: no token is -1, so no row ends early
+        runs[f"tandem_generate, handoff {p:g}"] = (
+            lambda p=p: tandem.tandem_generate(strong, weak, ids, attn, p, new_tokens, temperature, -1, vocab))
+    times = {name: [] for name in runs}
+    for r in range(repeats + 1):  # the first round warms up and is not counted
+        for name, run in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            with amp:
+                run()
+            sync(device)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def peak_memory_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:  # Linux: writing 5 to clear_refs resets the process's peak resident memory (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def proc_status(field):  # bytes, from Linux's /proc/self/status
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def memory_now(device):
+    return torch.cuda.memory_allocated() if device.type == "cuda" else proc_status("VmRSS")
+
+
+def peak_memory(device):
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else proc_status("VmHWM")
+
+
+def rl_step_cost(args, micro_batch_size, batch_size):
+    """Seconds and peak memory (above what was in use before) of one RL step: tandem rollouts at
+    --handoff-prob, the gradient pass in micro-batches, the optimizer step. Every row gets a nonzero
+    advantage, so every row goes through the gradient pass. Run it in a fresh process."""
+    device = tandem.pick_device(args.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    amp = tandem.autocast(device, args.dtype)
+    strong = bench_model(args.strong, device, args.random_init)
+    weak = bench_model(args.weak, device, args.random_init).requires_grad_(False)
+    optimizer = torch.optim.AdamW(strong.parameters(), lr=1e-6, weight_decay=0.0)
+    for p in strong.parameters():  # allocate AdamW's state now, so the peak below is the step's own
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ids, attn = random_prompts(batch_size, args.prompt_tokens, strong.config.vocab_size, device)
+    advantages = torch.tensor([1.0, -1.0], device=device).repeat(batch_size // 2 + 1)[:batch_size]
+    torch.manual_seed(0)
+    sync(device)
+    before = memory_now(device)
+    peak_memory_reset(device)
+    t0 = time.perf_counter()
+    with amp:
+        rollout = tandem.tandem_generate(strong, weak, ids, attn, args.handoff_prob, args.max_new_tokens, 1.0, -1)
+    tandem.policy_gradient(strong, ids, attn, rollout, advantages, 1.0, micro_batch_size, amp=amp)
+    torch.nn.utils.clip_grad_norm_(strong.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - t0, peak_memory(device) - before
+
+
+def bench(args):
+    import multiprocessing
+
+    device = tandem.pick_device(args.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32, as in training
+    amp = tandem.autocast(device, args.dtype)
+    strong = bench_model(args.strong, device, args.random_init)
+    weak = bench_model(args.weak, device, args.random_init)
+    B, n = args.batch_size, args.max_new_tokens
+    ids, attn = random_prompts(B, args.prompt_tokens, strong.config.vocab_size, device)
+    print(f"benchmark on {device} ({torch.get_num_threads()} threads), strong {args.strong}, weak {args.weak}"
+          f"{' (random init)' if args.random_init else ''}: batch {B}, prompts of {ids.shape[1]} tokens or fewer, "
+          f"{n} new tokens, temperature {BENCH_TEMPERATURE:g}, median of {args.repeats}", flush=True)
+    t = bench_decoding(strong, weak, ids, attn, n, BENCH_TEMPERATURE, args.repeats, amp)
+    both = t["HF generate, strong"] + t["HF generate, weak"]
+    compare = {"tandem_generate, handoff 0": t["HF generate, strong"], "tandem_generate, handoff 0.5": both,
+               "tandem_generate, handoff 1": t["HF generate, weak"]}
+    against = {"tandem_generate, handoff 0": "strong's generate", "tandem_generate, handoff 0.5": "sum of both generates",
+               "tandem_generate, handoff 1": "weak's generate"}
+    print(f"\n{'decoding':32}{'seconds':>9}{'tokens/s':>10}   ratio")
+    for name, seconds in t.items():
+        ratio = f"{seconds / compare[name]:.3f} x {against[name]}" if name in compare else ""
+        print(f"{name:32}{seconds:9.2f}{B * n / seconds:10.1f}   {ratio}")
+    del strong, weak  # the RL steps below run in fresh processes
+
+    # Peak memory must grow with the micro-batch, not with the batch.
+    steps = [(B, 1), (B, max(1, B // 4)), (B, B), (2 * B, 1)]
+    print(f"\n{'one RL step (fresh process each)':32}{'seconds':>9}{'peak memory':>14}")
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for batch, micro in sorted(set(steps), key=steps.index):
+            seconds, peak = pool.apply(rl_step_cost, (args, micro, batch))
+            print(f"{f'batch {batch}, micro-batch {micro}':32}{seconds:9.2f}{peak / 2**20:11.0f} MiB", flush=True)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a strong/weak pair on GSM8K: accuracy, jargon, legibility.")
-    p.add_argument("--strong", required=True, help="strong model: hub name or local folder (e.g. runs/RUN/final)")
-    p.add_argument("--weak", required=True, help="weak model: hub name or local folder (e.g. runs/RUN/sft/weak)")
+    p.add_argument("--strong", help="strong model: hub name or local folder (e.g. runs/RUN/final); --bench: gpt2-medium")
+    p.add_argument("--weak", help="weak model: hub name or local folder (e.g. runs/RUN/sft/weak); --bench: gpt2")
     p.add_argument("--data", default="openai/gsm8k", help="hub dataset, local folder with train/test.jsonl, or one .jsonl file")
     p.add_argument("--split", default="test", choices=["train", "test"], help="which split to evaluate on")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
@@ -123,7 +277,15 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype (auto: bfloat16 on CUDA)")
+    p.add_argument("--bench", action="store_true", help="time decoding and RL steps instead of evaluating (see README)")
+    p.add_argument("--random-init", action="store_true", help="--bench: build gpt2/gpt2-medium from their shapes, offline")
+    p.add_argument("--prompt-tokens", type=int, default=100, help="--bench: prompt length")
+    p.add_argument("--repeats", type=int, default=3, help="--bench: timed repeats of each decoding run (median)")
     args = p.parse_args(argv)
+    if args.bench:
+        args.strong, args.weak = args.strong or "gpt2-medium", args.weak or "gpt2"
+    elif not (args.strong and args.weak):
+        raise tandem.UsageError("--strong and --weak are required (only --bench has defaults: gpt2-medium and gpt2)")
     try:
         args.curve = [float(x) for x in args.curve.split(",")] if args.curve else []
     except ValueError:
@@ -131,7 +293,7 @@ def parse_args(argv=None):
     for prob in [args.handoff_prob, *args.curve]:
         if not 0 <= prob <= 1:
             raise tandem.UsageError(f"handoff probabilities must be between 0 and 1, got {prob}")
-    for name in ["limit", "max_new_tokens", "batch_size"]:
+    for name in ["limit", "max_new_tokens", "batch_size", "prompt_tokens", "repeats"]:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise tandem.UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.temperature < 0:
@@ -170,6 +332,8 @@ def report(result, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.bench:
+        return bench(args)
     device = tandem.pick_device(args.device)
     amp = tandem.autocast(device, args.dtype)
     problems = tandem.load_gsm8k(args.split, args.data)[:args.limit]

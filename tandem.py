@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
 
 class UsageError(Exception):
@@ -245,6 +246,18 @@ def position_ids(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+# A causal LM is a body that makes hidden states and an output layer (head) that turns them into
+# logits. Calling them apart lets the decoder and the gradient pass compute logits only where they
+# are needed. logits == head(body(x)) holds for GPT-2, Llama, Qwen and Mistral; not for models that
+# rescale logits after the head (Gemma 2's soft-capping), which would need that step added.
+def body(model):
+    return model.base_model
+
+
+def head(model):
+    return model.get_output_embeddings()
+
+
 # -----------------------------------------------------------------------------
 # Tandem decoding: two models, two KV caches, one text
 
@@ -270,42 +283,44 @@ def tandem_generate(strong, weak, input_ids, attention_mask, handoff_prob, max_n
     padded past the tokenizer. Uses the global torch RNG."""
     B, P = input_ids.shape
     device = input_ids.device
+    # Owners are drawn up front on the host, so each model's rows are known without a device sync.
+    owner_weak = torch.rand(max_new_tokens, B) < handoff_prob
     tokens = torch.full((B, max_new_tokens), eos_token_id, dtype=torch.long, device=device)
-    from_weak = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    # One attention-mask buffer for the whole rollout, read through a growing slice.
+    # One attention mask for the whole rollout: the caches' causal masks hide the slots not yet written.
     attn = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
     next_position = attention_mask.long().sum(-1, keepdim=True)
-    # A model that can never own a token (handoff 0 or 1) has no reason to read any.
-    readers = {"strong": strong, "weak": weak}
-    if handoff_prob == 0:
-        del readers["weak"]
-    if handoff_prob == 1:
-        del readers["strong"]
-    caches = {name: DynamicCache(config=model.config) for name, model in readers.items()}
+    # A model that owns no token of this rollout (always so at handoff 0 or 1) need not read any.
+    readers = {name: model for name, model, owns in [("strong", strong, ~owner_weak), ("weak", weak, owner_weak)]
+               if owns.any()}
+    # Static caches are allocated once; a DynamicCache would copy every layer's keys and values at each step.
+    caches = {name: StaticCache(config=model.config, max_cache_len=P + max_new_tokens) for name, model in readers.items()}
 
-    def read(ids, attn, positions):  # feed tokens to every reader; return its next-token logits
-        return {name: model(ids, attention_mask=attn, position_ids=positions, cache=caches[name], use_cache=True,
-                            logits_to_keep=1).logits[:, -1, :vocab_size] for name, model in readers.items()}
+    def read(ids, positions):  # feed tokens to every reader; return its last hidden state
+        return {name: body(model)(ids, attention_mask=attn, position_ids=positions, cache=caches[name],
+                                  use_cache=True).last_hidden_state[:, -1] for name, model in readers.items()}
 
-    logits = read(input_ids, attention_mask, position_ids(attention_mask))
+    hidden = read(input_ids, position_ids(attention_mask))
     for t in range(max_new_tokens):
-        owner_weak = torch.rand(B, device=device) < handoff_prob
-        if len(readers) == 2:
-            owner_logits = torch.where(owner_weak[:, None], logits["weak"], logits["strong"])
-        else:
-            owner_logits = next(iter(logits.values()))
-        token = sample(owner_logits, temperature).masked_fill(done, eos_token_id)
+        token = torch.empty(B, dtype=torch.long, device=device)
+        for name, model in readers.items():
+            rows = (owner_weak[t] if name == "weak" else ~owner_weak[t]).nonzero().squeeze(1)
+            if len(rows):
+                # The output layer only for the rows this model owns: at handoff 0.5 that halves
+                # each model's largest matmul (50k-token vocabulary) at every step.
+                rows = rows.to(device, non_blocking=True)
+                token[rows] = sample(head(model)(hidden[name][rows])[:, :vocab_size], temperature)
+        token.masked_fill_(done, eos_token_id)
         tokens[:, t] = token
-        from_weak[:, t] = owner_weak & ~done
         mask[:, t] = ~done
         done |= token == eos_token_id
         if t == max_new_tokens - 1 or done.all():  # the one host sync per token
             break
-        logits = read(token[:, None], attn[:, :P + t + 1], next_position + t)
+        hidden = read(token[:, None], next_position + t)
     n = t + 1
-    return Rollout(tokens[:, :n], from_weak[:, :n], mask[:, :n])
+    from_weak = owner_weak[:n].T.to(device) & mask[:, :n]
+    return Rollout(tokens[:, :n], from_weak, mask[:, :n])
 
 
 def completion_texts(tokenizer, rollout):
@@ -384,17 +399,25 @@ def baseline(rewards, kind="loo"):
     return torch.zeros_like(rewards)
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, tokens, mask, temperature, vocab_size=None):
+def completion_logprobs(model, prompt_ids, prompt_mask, tokens, mask, temperature, vocab_size=None, chunk=32):
     """log p(token) of each generated token under `model` (B x T, differentiable).
 
     Logits are divided by the sampling temperature, so these are log-probs of the distribution the
-    rollouts were actually drawn from and the gradient is on-policy. Only the T completion positions
-    get logits (logits_to_keep), never the prompt's: that is most of the memory."""
+    rollouts were actually drawn from and the gradient is on-policy. Logits are never made for the
+    prompt, and for the completion only `chunk` positions at a time: the full B x T x vocab float32
+    tensor would be the largest of the whole step."""
     seq = torch.cat([prompt_ids, tokens], dim=1)
     attn = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
     T = tokens.shape[1]
-    logits = model(seq[:, :-1], attention_mask=attn[:, :-1], position_ids=position_ids(attn)[:, :-1],
-                   logits_to_keep=T).logits[..., :vocab_size].float()
+    hidden = body(model)(seq[:, :-1], attention_mask=attn[:, :-1],
+                         position_ids=position_ids(attn)[:, :-1]).last_hidden_state[:, -T:]
+    # Checkpointing each chunk recomputes its logits in the backward pass instead of keeping them.
+    return torch.cat([checkpoint(chosen_logprobs, head(model), hidden[:, i:i + chunk], tokens[:, i:i + chunk],
+                                 temperature, vocab_size, use_reentrant=False) for i in range(0, T, chunk)], dim=1)
+
+
+def chosen_logprobs(head, hidden, tokens, temperature, vocab_size):
+    logits = head(hidden)[..., :vocab_size].float()
     if temperature > 0:
         logits = logits / temperature
     return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)

@@ -471,23 +471,34 @@ def test_tandem_training_removes_jargon_and_plain_rl_does_not():
 # eval.py
 
 
+from transformers import GPT2Config  # noqa: E402
+
+
 class Scripted(torch.nn.Module):
-    """A stand-in model that writes the same text after every prompt, so its answers are known."""
+    """A stand-in model that writes the same text after every prompt, so its answers are known.
+    Its body's "hidden state" is already the logits, and its output layer is the identity."""
 
     def __init__(self, tokenizer, text):
         super().__init__()
         self.script = torch.tensor(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
-        self.config = None  # only tandem_generate's DynamicCache reads it, and it needs none
+        self.config = GPT2Config(n_layer=1)  # only for tandem_generate's cache, which it never fills
         self.vocab_size = len(tokenizer)
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, **_):
+    @property
+    def base_model(self):
+        return self
+
+    def get_output_embeddings(self):
+        return torch.nn.Identity()
+
+    def forward(self, input_ids, attention_mask, position_ids, **_):
         if input_ids.shape[1] > 1:  # the prompt: remember where each row's completion starts
-            self.start = attention_mask.sum(-1, keepdim=True)
+            self.start = position_ids[:, -1:] + 1
         k = (position_ids[:, -1:] + 1 - self.start).clamp(max=len(self.script) - 1)
         logits = torch.full((input_ids.shape[0], 1, self.vocab_size), -30.0)
         logits.scatter_(-1, self.script[k][..., None], 30.0)
-        return Namespace(logits=logits)
+        return Namespace(last_hidden_state=logits)
 
 
 def test_evaluate_keys_and_ranges(tiny):
