@@ -115,9 +115,9 @@ BENCH_TEMPERATURE = 0.7  # the paper's sampling temperature
 SHAPES = {"gpt2": dict(n_embd=768, n_layer=12, n_head=12), "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16)}
 
 
-def bench_model(name, device, random_init):
-    if not random_init:
-        return tandem.load_model(name, device)[0]
+def bench_model(name, device, args):
+    if not args.random_init:
+        return tandem.load_model(name, device, args.trust_remote_code)
     if name not in SHAPES:
         raise tandem.UsageError(f"--random-init knows the shapes of {' and '.join(SHAPES)}, not {name!r}")
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -197,8 +197,8 @@ def rl_step_cost(args, micro_batch_size, batch_size):
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     amp = tandem.autocast(device, args.dtype)
-    strong = bench_model(args.strong, device, args.random_init)
-    weak = bench_model(args.weak, device, args.random_init).requires_grad_(False)
+    strong = bench_model(args.strong, device, args)
+    weak = bench_model(args.weak, device, args).requires_grad_(False)
     optimizer = torch.optim.AdamW(strong.parameters(), lr=1e-6, weight_decay=0.0)
     for p in strong.parameters():  # allocate AdamW's state now, so the peak below is the step's own
         p.grad = torch.zeros_like(p)
@@ -228,8 +228,8 @@ def bench(args):
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32, as in training
     amp = tandem.autocast(device, args.dtype)
-    strong = bench_model(args.strong, device, args.random_init)
-    weak = bench_model(args.weak, device, args.random_init)
+    strong = bench_model(args.strong, device, args)
+    weak = bench_model(args.weak, device, args)
     B, n = args.batch_size, args.max_new_tokens
     ids, attn = random_prompts(B, args.prompt_tokens, strong.config.vocab_size, device)
     print(f"benchmark on {device} ({torch.get_num_threads()} threads), strong {args.strong}, weak {args.weak}"
@@ -277,6 +277,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype (auto: bfloat16 on CUDA)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let models run code from their folder or hub repo")
     p.add_argument("--bench", action="store_true", help="time decoding and RL steps instead of evaluating (see README)")
     p.add_argument("--random-init", action="store_true", help="--bench: build gpt2/gpt2-medium from their shapes, offline")
     p.add_argument("--prompt-tokens", type=int, default=100, help="--bench: prompt length")
@@ -337,9 +338,10 @@ def main(argv=None):
     device = tandem.pick_device(args.device)
     amp = tandem.autocast(device, args.dtype)
     problems = tandem.load_gsm8k(args.split, args.data)[:args.limit]
-    strong, tokenizer = tandem.load_model(args.strong, device)
-    weak, weak_tokenizer = tandem.load_model(args.weak, device)
-    tandem.check_same_tokenizer(tokenizer, weak_tokenizer)
+    tokenizer = tandem.load_tokenizer(args.strong, args.trust_remote_code)
+    tandem.check_same_tokenizer(tokenizer, tandem.load_tokenizer(args.weak, args.trust_remote_code))
+    strong = tandem.load_model(args.strong, device, args.trust_remote_code)
+    weak = tandem.load_model(args.weak, device, args.trust_remote_code)
 
     # Progress on stderr for runs of more than one batch: one line rewritten in a terminal, a line
     # per batch in a log file.

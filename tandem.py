@@ -20,10 +20,12 @@ Offline, with local model folders and a local copy of GSM8K:
 
 import argparse
 import json
+import math
 import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -70,6 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (auto: cuda if there is one)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype; weights stay float32 (auto: bfloat16 autocast on CUDA, float32 on CPU)")
+    p.add_argument("--save-every", type=int, default=20, help="write a checkpoint every N steps (0 = only on Ctrl-C)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start the run in --out again (its warm-start in sft/ is kept)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let models run code from their folder or hub repo")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -80,7 +86,7 @@ def check_args(args):
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ["sft_steps", "eval_every"]:
+    for name in ["sft_steps", "eval_every", "save_every"]:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if args.eval_limit < 1:
@@ -94,6 +100,10 @@ def check_args(args):
         raise UsageError("the leave-one-out baseline needs --samples-per-prompt 2 or more (or choose --baseline mean/none)")
     if args.lr <= 0 or args.sft_lr <= 0:
         raise UsageError("--lr and --sft-lr must be positive")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues a run and --overwrite starts it again: choose one")
+    if args.resume and not args.out:
+        raise UsageError("--resume needs the --out folder of the run to continue")
 
 
 # -----------------------------------------------------------------------------
@@ -197,20 +207,31 @@ def strip_jargon(text):
 # Models
 
 
-def load_model(name, device):
+def load_tokenizer(name, trust_remote_code=False):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        # float32 weights always: they are the master copy AdamW updates; speed comes from autocast.
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        offline = " (offline, a hub name needs a network: pass a local folder)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise UsageError(f"cannot load model {name!r}: {str(e).splitlines()[0]}{offline}") from None
+        raise cannot_load(name, e) from None
     # GPT-2 has no pad token; padding is masked out anyway, and prompts are padded on the left so that
     # every row's next token is at the end.
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model.to(device).eval(), tokenizer
+    return tokenizer
+
+
+def load_model(name, device, trust_remote_code=False):
+    try:
+        # float32 weights always: they are the master copy AdamW updates; speed comes from autocast.
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise cannot_load(name, e) from None
+    return model.to(device).eval()
+
+
+def cannot_load(name, error):
+    offline = " (offline, a hub name needs a network: pass a local folder)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    return UsageError(f"cannot load model {name!r}: {str(error).splitlines()[0]}{offline}")
 
 
 def check_same_tokenizer(strong_tok, weak_tok):
@@ -374,15 +395,28 @@ def save_json(path, obj):
 
 
 def save_model(model, tokenizer, path):
-    """save_pretrained into a side folder, then rename: a kill never leaves a half-written model."""
-    tmp, old = path + ".tmp", path + ".old"
+    """save_pretrained into a side folder, then swap it in: a kill never leaves a half-written model."""
+    tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, path)
+
+
+def replace_dir(tmp, path):
+    """Move the finished folder `tmp` to `path`. At every moment a complete copy is at `path` or,
+    between the two renames, at `path`.old, where `existing` looks for it."""
+    old = path + ".old"
     if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def existing(path):
+    """`path`, or the copy a kill inside replace_dir left at `path`.old; None if neither is there."""
+    return next((p for p in (path, path + ".old") if os.path.exists(os.path.join(p, "config.json"))), None)
 
 
 # -----------------------------------------------------------------------------
@@ -461,7 +495,10 @@ def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(
     loss = policy_gradient(strong, enc["input_ids"], enc["attention_mask"], rollout, advantages, args.temperature,
                            args.micro_batch_size, len(tokenizer), amp)
     grad_norm = torch.nn.utils.clip_grad_norm_(strong.parameters(), args.grad_clip)
-    optimizer.step()
+    # A non-finite loss or gradient would poison the weights (and AdamW's moments) for good: skip it.
+    finite = math.isfinite(loss) and math.isfinite(grad_norm.item())
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     n_tokens = rollout.mask.sum().item()
     return {
@@ -471,7 +508,74 @@ def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(
         "loss": loss,
         "grad_norm": grad_norm.item(),
         "mean_tokens": n_tokens / len(texts),
+        "skipped": not finite,
     }
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: a run that dies goes on from its last one
+
+
+def save_checkpoint(path, strong, tokenizer, optimizer, step, rng, skipped_updates):
+    """Everything the loop needs to go on exactly where it stopped, written aside and then swapped in."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    strong.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "skipped_updates": skipped_updates, "optimizer": optimizer.state_dict(),
+                "rng_python": rng.getstate(), "rng_torch": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               os.path.join(tmp, "state.pt"))
+    replace_dir(tmp, path)
+
+
+def load_checkpoint(path, optimizer, rng):
+    """Restore optimizer and RNG states from save_checkpoint's folder (the model loads from it
+    separately); returns (step, skipped_updates). weights_only: a checkpoint cannot run code."""
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    version, internal, gauss = state["rng_python"]
+    rng.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["rng_torch"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["step"], state["skipped_updates"]
+
+
+def keep_metrics(path, last_step):
+    """Drop the rows a killed run wrote after its last checkpoint (and a half-written last line), so
+    the resumed run adds each step exactly once."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row["step"] <= last_step:
+                    rows.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
+class Interrupt:
+    """The first Ctrl-C asks the loop to save a checkpoint and stop after the current step; a
+    second one stops at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True  # no print here: the handler may run in the middle of another print
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
 
 
 # -----------------------------------------------------------------------------
@@ -492,22 +596,40 @@ def main(argv=None):
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
     amp = autocast(device, args.dtype)
 
+    # Every check comes before anything is written: bad input leaves the run folder as it was.
     train = load_gsm8k("train", args.data)
     test = load_gsm8k("test", args.data)[:args.eval_limit] if args.eval_every else []
     out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    metrics_path, final_path = os.path.join(out, "metrics.jsonl"), os.path.join(out, "final")
+    finished, started = existing(final_path), os.path.exists(metrics_path)
+    if finished and args.resume:
+        print(f"the run in {out} has finished ({finished} is there): nothing to resume")
+        return
+    if (finished or started) and not (args.resume or args.overwrite):
+        raise UsageError(f"--out {out} already holds a {'finished' if finished else 'started'} run: "
+                         "add --resume to continue it or --overwrite to start it again, or choose another --out")
+    checkpoint = existing(os.path.join(out, "checkpoint")) if args.resume else None
     # The warm-start is saved under the run folder; a later run in the same folder loads it instead.
     sft_path = {role: os.path.join(out, "sft", role) for role in ("strong", "weak")}
-    reused = {role: args.sft_steps > 0 and os.path.exists(os.path.join(path, "config.json"))
-              for role, path in sft_path.items()}
-    strong, tokenizer = load_model(sft_path["strong"] if reused["strong"] else args.strong, device)
-    weak, weak_tokenizer = load_model(sft_path["weak"] if reused["weak"] else args.weak, device)
-    check_same_tokenizer(tokenizer, weak_tokenizer)
+    reused = {role: args.sft_steps > 0 and existing(path) is not None for role, path in sft_path.items()}
+    strong_from = checkpoint or (existing(sft_path["strong"]) if reused["strong"] else args.strong)
+    weak_from = existing(sft_path["weak"]) if reused["weak"] else args.weak
+    tokenizer = load_tokenizer(strong_from, args.trust_remote_code)
+    check_same_tokenizer(tokenizer, load_tokenizer(weak_from, args.trust_remote_code))
+    strong = load_model(strong_from, device, args.trust_remote_code)
+    weak = load_model(weak_from, device, args.trust_remote_code)
 
+    if args.overwrite:  # the old run's results go; its warm-start stays for reuse
+        for name in ["checkpoint", "checkpoint.old", "final", "final.old"]:
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        for name in ["eval.json", "metrics.jsonl"]:
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
     os.makedirs(out, exist_ok=True)
     save_json(os.path.join(out, "config.json"), vars(args) | {"out": out})
     print(f"run folder: {out} | device {device} | {len(train)} train problems")
 
-    if args.sft_steps > 0:
+    if args.sft_steps > 0 and not checkpoint:
         # The strong model learns the jargon; the weak one sees the same solutions without it.
         for role, model, jargon_frac in [("strong", strong, args.sft_jargon_frac), ("weak", weak, 0.0)]:
             if reused[role]:
@@ -526,31 +648,53 @@ def main(argv=None):
         print(f"eval at step {step} | strong {result['strong_accuracy']:.3f} | tandem {result['tandem_accuracy']:.3f} | "
               f"jargon {result['jargon_rate']:.2f} | weak NLL {result['weak_nll']:.3f}", flush=True)
         log_metrics(log, {"step": step, "kind": "eval"} | result)
-        return result
+        save_json(os.path.join(out, "eval.json"), result)
 
     # Sampling and the gradient pass both run in eval mode: with dropout on, the gradient would be
     # taken under a different policy from the one that sampled.
     strong.eval()
     optimizer = torch.optim.AdamW(strong.parameters(), lr=args.lr, weight_decay=0.0)
     rng = random.Random(args.seed)
-    with open(os.path.join(out, "metrics.jsonl"), "w") as log:
-        if args.eval_every:
-            result = evaluation(0)  # every run records its starting point
-        for step in range(1, args.steps + 1):
-            t0 = time.time()
-            batch = rng.sample(train, min(args.batch_size, len(train)))
-            metrics = {"step": step, "kind": "train"} | rl_step(strong, weak, tokenizer, optimizer, batch, args, amp)
-            metrics["seconds"] = time.time() - t0
-            log_metrics(log, metrics)
-            print(f"step {step}/{args.steps} | reward {metrics['reward']:.3f} | jargon {metrics['jargon_rate']:.2f} | "
-                  f"weak {metrics['weak_frac']:.2f} | loss {metrics['loss']:+.4f} | {metrics['seconds']:.1f}s", flush=True)
-            if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-                result = evaluation(step)
+    last_step, skipped_updates = 0, 0
+    if checkpoint:
+        last_step, skipped_updates = load_checkpoint(checkpoint, optimizer, rng)
+        print(f"resuming after step {last_step} from {checkpoint}")
+    elif args.resume:
+        print(f"no checkpoint in {out} yet: starting from step 1")
+    keep_metrics(metrics_path, last_step if checkpoint else -1)
 
-    save_model(strong, tokenizer, os.path.join(out, "final"))
-    if args.eval_every:
-        save_json(os.path.join(out, "eval.json"), result)
-    print(f"saved {os.path.join(out, 'final')}")
+    def save(step):
+        save_checkpoint(os.path.join(out, "checkpoint"), strong, tokenizer, optimizer, step, rng, skipped_updates)
+
+    with open(metrics_path, "a") as log, Interrupt() as interrupt:
+        if args.eval_every and last_step == 0:
+            evaluation(0)  # every run records its starting point
+        for step in range(last_step + 1, args.steps + 1):
+            t0 = time.time()
+            try:
+                batch = rng.sample(train, min(args.batch_size, len(train)))
+                metrics = {"step": step, "kind": "train"} | rl_step(strong, weak, tokenizer, optimizer, batch, args, amp)
+                skipped_updates += metrics["skipped"]
+                metrics |= {"skipped_updates": skipped_updates, "seconds": time.time() - t0}
+                log_metrics(log, metrics)
+                print(f"step {step}/{args.steps} | reward {metrics['reward']:.3f} | jargon {metrics['jargon_rate']:.2f} | "
+                      f"weak {metrics['weak_frac']:.2f} | loss {metrics['loss']:+.4f} | {metrics['seconds']:.1f}s"
+                      f"{' | non-finite: update skipped' if metrics['skipped'] else ''}", flush=True)
+                if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+                    evaluation(step)
+            except (torch.OutOfMemoryError, MemoryError):
+                saved = existing(os.path.join(out, "checkpoint"))
+                raise UsageError(f"out of memory at step {step}; {f'the checkpoint in {saved} is intact' if saved else 'no checkpoint yet'}: "
+                                 "lower --micro-batch-size (or --batch-size, --max-new-tokens) and --resume") from None
+            if (args.save_every and step % args.save_every == 0) or interrupt.requested:
+                save(step)
+            if interrupt.requested:
+                print(f"interrupted: stopped after step {step}, checkpoint saved; add --resume to the same command "
+                      "to go on")
+                sys.exit(130)
+
+    save_model(strong, tokenizer, final_path)
+    print(f"saved {final_path}")
 
 
 def run_cli(main):
@@ -560,6 +704,9 @@ def run_cli(main):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # outside the RL loop (which saves a checkpoint first): nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -395,8 +396,8 @@ def test_cli_end_to_end(tiny, tmp_path):
     tandem.AutoTokenizer.from_pretrained(out / "final")
     changed = [n for (n, a), b in zip(final.named_parameters(), start.parameters()) if not torch.equal(a, b)]
     assert changed, "RL did not change the strong model"
-    # A second run in the same folder reuses the warm-start instead of training it again.
-    assert "reusing the warm-start" in tandem_cli("--steps", "1", "--eval-every", "0")
+    # Starting again in the same folder reuses the warm-start instead of training it again.
+    assert "reusing the warm-start" in tandem_cli("--steps", "1", "--eval-every", "0", "--overwrite")
 
 
 # -----------------------------------------------------------------------------
@@ -466,6 +467,173 @@ def test_tandem_training_removes_jargon_and_plain_rl_does_not():
     assert plain_rl["jargon_rate"] > 0.9
     assert plain_rl["tandem_accuracy"] < tandem_rl["tandem_accuracy"] - 0.2
 
+
+# -----------------------------------------------------------------------------
+# Bad input, interrupted runs, resume
+
+
+def write_data(folder, n_train=200, n_test=20):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in [("train", n_train, 0), ("test", n_test, 1)]:
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(p) for p in toy_problems(n, seed)) + "\n")
+    return folder
+
+
+def usage_error(capsys, module, argv, alone=True):
+    """Run a CLI in-process as its __main__ does; it must exit with code 2 and end with one line
+    on stderr. Before the run starts (`alone`), that line must be all there is."""
+    capsys.readouterr()  # forget what came before
+    with pytest.raises(SystemExit) as exit:
+        tandem.run_cli(lambda: module.main([str(a) for a in argv]))
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert exit.value.code == 2 and last.startswith("error: ") and "Traceback" not in err, err
+    assert err == last + "\n" or not alone, err
+    return last
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    make_model(root / "other", make_tokenizer(vocab_size=300), n_layer=1, seed=4)
+    (root / "malformed.jsonl").write_text(json.dumps(GSM8K_SAMPLES[0]) + "\n{not json\n")
+    (root / "no_answer.jsonl").write_text(json.dumps({"question": "What is 1 plus 1?"}) + "\n")
+    (root / "empty.jsonl").write_text("\n")
+    (root / "empty_folder").mkdir()
+    return root
+
+
+BAD_INPUTS = [  # (flags, what the error must say)
+    (["--strong", "{root}/missing"], "cannot load model"),
+    (["--strong", "no-such-org/no-such-model"], "offline, a hub name needs a network"),
+    (["--weak", "{root}/other"], "tokenizers differ (vocabularies of 300 and 320"),
+    (["--data", "{root}/missing.jsonl"], "does not exist"),
+    (["--data", "{root}/empty_folder"], "has no"),
+    (["--data", "{root}/malformed.jsonl"], "line 2 is not valid JSON"),
+    (["--data", "{root}/no_answer.jsonl"], "record 1 needs string fields 'question' and 'answer'"),
+    (["--data", "{root}/empty.jsonl"], "no problems"),
+    (["--handoff-prob", "1.5"], "between 0 and 1"),
+    (["--temperature", "-1"], "--temperature must be 0 (greedy) or more"),
+]
+TANDEM_ONLY = [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--samples-per-prompt", "1"], "leave-one-out baseline needs --samples-per-prompt 2 or more"),
+    (["--resume", "--overwrite"], "choose one"),
+]
+EVAL_ONLY = [
+    (["--limit", "0"], "--limit must be at least 1"),
+    (["--curve", "0,half"], "--curve takes numbers"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_INPUTS + TANDEM_ONLY)
+def test_tandem_bad_input_is_one_line_and_writes_nothing(tiny, bad_inputs, tmp_path, capsys, flags, message):
+    data = write_data(tmp_path / "gsm8k")
+    argv = ["--strong", tiny.root / "strong", "--weak", tiny.root / "weak", "--data", data, "--out", tmp_path / "run",
+            "--sft-steps", "0", "--steps", "1", "--device", "cpu"]
+    err = usage_error(capsys, tandem, argv + [f.format(root=bad_inputs) for f in flags])
+    assert message in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", BAD_INPUTS + EVAL_ONLY)
+def test_eval_bad_input_is_one_line(tiny, bad_inputs, tmp_path, capsys, flags, message):
+    data = write_data(tmp_path / "gsm8k")
+    argv = ["--strong", tiny.root / "strong", "--weak", tiny.root / "weak", "--data", data, "--device", "cpu",
+            "--json", tmp_path / "eval.json"]
+    err = usage_error(capsys, evaluation, argv + [f.format(root=bad_inputs) for f in flags])
+    assert message in err
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_a_non_finite_gradient_skips_the_update(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(tandem, "reward", lambda completion, gold: 1.0)  # with no baseline: every advantage is 1
+    model = make_model(tmp_path / "m", tiny.tok, n_layer=1, seed=6)
+    model.transformer.h[0].mlp.c_fc.weight.register_hook(lambda grad: grad * float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    args = Namespace(samples_per_prompt=2, handoff_prob=0.0, max_new_tokens=8, temperature=1.0, baseline="none",
+                     micro_batch_size=8, grad_clip=1.0)
+    problems = [{"question": q, "answer": "#### 1"} for q in ["1?", "2?"]]
+    torch.manual_seed(0)
+    metrics = tandem.rl_step(model, model, tiny.tok, optimizer, problems, args)
+    assert metrics["skipped"] and metrics["loss"] != 0 and not optimizer.state  # AdamW never stepped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_out_of_memory_names_the_step_and_keeps_the_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    rl_step = tandem.rl_step
+
+    def runs_out_at_step_3(*args):
+        if len(optimizer_steps) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        optimizer_steps.append(1)
+        return rl_step(*args)
+
+    optimizer_steps = []
+    monkeypatch.setattr(tandem, "rl_step", runs_out_at_step_3)
+    out = tmp_path / "run"
+    argv = ["--strong", tiny.root / "strong", "--weak", tiny.root / "weak", "--data", write_data(tmp_path / "gsm8k"),
+            "--out", out, "--sft-steps", "0", "--steps", "5", "--save-every", "2", "--eval-every", "0",
+            "--batch-size", "2", "--max-new-tokens", "4", "--device", "cpu"]
+    err = usage_error(capsys, tandem, argv, alone=False)
+    assert "out of memory at step 3" in err and f"the checkpoint in {out / 'checkpoint'} is intact" in err
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
+
+
+def test_interrupted_runs_resume_to_the_same_result(tiny, tmp_path, capsys):
+    """A run killed with SIGKILL, or stopped with Ctrl-C, and then resumed, ends with the same
+    metrics steps and the same weights as a run that was never interrupted."""
+    data = write_data(tmp_path / "gsm8k")
+    steps = 30
+
+    def flags(out, *more):
+        return ["--strong", str(tiny.root / "strong"), "--weak", str(tiny.root / "weak"), "--data", str(data),
+                "--out", str(out), "--sft-steps", "0", "--lr", "1e-3", "--batch-size", "4", "--max-new-tokens", "16",
+                "--temperature", "1.0", "--steps", str(steps), "--save-every", "3", "--eval-every", "0",
+                "--device", "cpu", *more]
+
+    def run(out, *more):
+        done = subprocess.run([sys.executable, str(HERE / "tandem.py"), *flags(out, *more)], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def train_steps(out):
+        return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+    def stop_midway(out, how):
+        proc = subprocess.Popen([sys.executable, str(HERE / "tandem.py"), *flags(out)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.01)
+        proc.send_signal(how)
+        output = proc.communicate(timeout=120)[0]
+        assert 1 <= len(train_steps(out)) < steps and not (out / "final").exists()
+        return proc.returncode, output
+
+    run(tmp_path / "whole")
+    whole = tandem.AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "final").state_dict()
+
+    code, _ = stop_midway(tmp_path / "killed", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert "already holds a started run" in usage_error(capsys, tandem, flags(tmp_path / "killed"))
+    code, output = stop_midway(tmp_path / "stopped", signal.SIGINT)
+    assert code == 130 and "checkpoint saved" in output, output
+    last = train_steps(tmp_path / "stopped")[-1]
+    assert torch.load(tmp_path / "stopped" / "checkpoint" / "state.pt", weights_only=True)["step"] == last
+
+    for out in [tmp_path / "killed", tmp_path / "stopped"]:
+        assert "resuming after step" in run(out, "--resume")
+        assert train_steps(out) == list(range(1, steps + 1))  # no step lost, none twice
+        final = tandem.AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+        assert all(torch.equal(whole[k], final[k]) for k in whole), out.name
+    tandem.main(flags(tmp_path / "killed", "--resume"))
+    assert "nothing to resume" in capsys.readouterr().out
+    assert "already holds a finished run" in usage_error(capsys, tandem, flags(tmp_path / "killed"))
 
 # -----------------------------------------------------------------------------
 # eval.py
