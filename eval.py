@@ -34,17 +34,18 @@ def flexible_reward(completion, gold):
 
 
 @torch.no_grad()
-def solve(strong, weak, tokenizer, problems, handoff_prob, max_new_tokens, temperature, batch_size, progress=None):
-    """Co-write a solution to every problem; returns (texts, rollouts per batch, prompt encodings per batch)."""
+def solve(strong, weak, tokenizer, problems, handoff_prob, max_new_tokens, temperature, batch_size, progress=None,
+          word_starts=None, weak_prefix=None):
+    """Co-write a solution to every problem; returns (texts, [(rollout, weak model's prompt as (ids, mask))]
+    per batch)."""
     device = next(strong.parameters()).device
     texts, batches = [], []
     for i in range(0, len(problems), batch_size):
-        enc = tokenizer([tandem.format_prompt(p["question"]) for p in problems[i:i + batch_size]],
-                        return_tensors="pt", padding=True).to(device)
-        rollout = tandem.tandem_generate(strong, weak, enc["input_ids"], enc["attention_mask"], handoff_prob,
-                                         max_new_tokens, temperature, tokenizer.eos_token_id, len(tokenizer))
+        (ids, mask), weak_prompt = tandem.encode_prompts(tokenizer, problems[i:i + batch_size], device, weak_prefix)
+        rollout = tandem.tandem_generate(strong, weak, ids, mask, handoff_prob, max_new_tokens, temperature,
+                                         tokenizer.eos_token_id, len(tokenizer), word_starts, weak_prompt)
         texts += tandem.completion_texts(tokenizer, rollout)
-        batches.append((enc, rollout))
+        batches.append((rollout, weak_prompt or (ids, mask)))
         if progress:
             progress(f"handoff {handoff_prob:g}: {len(texts)}/{len(problems)}")
     return texts, batches
@@ -52,21 +53,22 @@ def solve(strong, weak, tokenizer, problems, handoff_prob, max_new_tokens, tempe
 
 @torch.no_grad()
 def weak_nll(weak, batches, vocab_size):
-    """Mean negative log-likelihood per token (nats) of the given rollouts' tokens under `weak`."""
+    """Mean negative log-likelihood per token (nats) of the given rollouts' tokens under `weak`,
+    reading them after its own prompts."""
     total, count = 0.0, 0
-    for enc, rollout in batches:
-        logp = tandem.completion_logprobs(weak, enc["input_ids"], enc["attention_mask"], rollout.tokens,
-                                          rollout.mask, 0.0, vocab_size)
+    for rollout, (ids, mask) in batches:
+        logp = tandem.completion_logprobs(weak, ids, mask, rollout.tokens, rollout.mask, 0.0, vocab_size)
         total -= logp[rollout.mask].sum().item()
         count += rollout.mask.sum().item()
     return total / max(count, 1)
 
 
 def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_new_tokens=256, temperature=0.0,
-             batch_size=32, seed=0, amp=None, progress=None, runs=None):
+             batch_size=32, seed=0, amp=None, progress=None, runs=None, word_starts=None, weak_prefix=None):
     """The metrics of eval.py as a dict. Runs in its own RNG stream, so evaluating in the middle of
     training neither depends on nor disturbs the training run's random state. A dict passed as
-    `runs` receives the decoded solutions: {handoff_prob: (texts, [(prompt encoding, rollout)])}."""
+    `runs` receives the decoded solutions: {handoff_prob: solve's result}. `word_starts` and
+    `weak_prefix` are as in tandem.rl_step."""
     amp = amp or tandem.nullcontext()
     runs = {} if runs is None else runs
 
@@ -74,7 +76,8 @@ def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_
         if p not in runs:
             torch.manual_seed(seed)
             with amp:
-                runs[p] = solve(strong, weak, tokenizer, problems, p, max_new_tokens, temperature, batch_size, progress)
+                runs[p] = solve(strong, weak, tokenizer, problems, p, max_new_tokens, temperature, batch_size, progress,
+                                word_starts, weak_prefix)
         return runs[p]
 
     def accuracy(texts):
@@ -94,7 +97,7 @@ def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_
             "jargon_rate": sum(map(tandem.has_jargon, solo)) / len(solo),
             "tandem_jargon_rate": sum(map(tandem.has_jargon, pair)) / len(pair),
             "weak_nll": nll,
-            "mean_tokens": sum(r.mask.sum().item() for _, r in solo_batches) / len(problems),
+            "mean_tokens": sum(r.mask.sum().item() for r, _ in solo_batches) / len(problems),
             "flexible_accuracy": sum(flexible_reward(t, p["answer"]) for t, p in zip(solo, problems)) / len(problems),
         }
         if curve:
@@ -268,6 +271,9 @@ def parse_args(argv=None):
     p.add_argument("--split", default="test", choices=["train", "test"], help="which split to evaluate on")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     p.add_argument("--handoff-prob", type=float, default=0.5, help="handoff probability of the tandem accuracy")
+    p.add_argument("--handoff-unit", default="token", choices=["token", "word"],
+                   help="token: a coin for every token; word: owners change only where a new word starts")
+    p.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads")
     p.add_argument("--curve", default=None, help="comma-separated handoff probabilities for a robustness curve, e.g. 0,0.5,1")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest solution generated")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (each token its owner's argmax)")
@@ -338,10 +344,12 @@ def main(argv=None):
     device = tandem.pick_device(args.device)
     amp = tandem.autocast(device, args.dtype)
     problems = tandem.load_gsm8k(args.split, args.data)[:args.limit]
+    weak_prefix = tandem.read_text(args.weak_prompt, "--weak-prompt") if args.weak_prompt else None
     tokenizer = tandem.load_tokenizer(args.strong, args.trust_remote_code)
     tandem.check_same_tokenizer(tokenizer, tandem.load_tokenizer(args.weak, args.trust_remote_code))
     strong = tandem.load_model(args.strong, device, args.trust_remote_code)
     weak = tandem.load_model(args.weak, device, args.trust_remote_code)
+    tandem.check_fits(strong, weak, tokenizer, problems, args.max_new_tokens, weak_prefix)
 
     # Progress on stderr for runs of more than one batch: one line rewritten in a terminal, a line
     # per batch in a log file.
@@ -351,8 +359,10 @@ def main(argv=None):
         print(f"\r{msg}   " if tty else msg, end="" if tty else "\n", file=sys.stderr, flush=True)
 
     t0, runs = time.time(), {}
+    word_starts = tandem.word_start_mask(tokenizer, device) if args.handoff_unit == "word" else None
     result = evaluate(strong, weak, tokenizer, problems, args.handoff_prob, args.curve, args.max_new_tokens,
-                      args.temperature, args.batch_size, args.seed, amp, show if long_run else None, runs)
+                      args.temperature, args.batch_size, args.seed, amp, show if long_run else None, runs, word_starts,
+                      weak_prefix)
     if long_run and tty:
         print(file=sys.stderr)
     print(report(result, args))
@@ -361,7 +371,7 @@ def main(argv=None):
         print(f"\n--- problem {i}: {problems[i]['question']}\n--- gold: {tandem.extract_answer(problems[i]['answer'])}")
         for name, p in [("strong alone", 0.0), ("tandem, weak tokens in {}", args.handoff_prob)]:
             b, r = divmod(i, args.batch_size)
-            rollout = runs[p][1][b][1]
+            rollout = runs[p][1][b][0]
             print(f"[{name}]\n{marked(tokenizer, rollout.tokens[r], rollout.from_weak[r], rollout.mask[r]).strip()}")
     if args.json:
         tandem.save_json(args.json, result)

@@ -16,6 +16,8 @@ Run:
     python tandem.py --weak gpt2 --strong gpt2-medium
 Offline, with local model folders and a local copy of GSM8K:
     python tandem.py --weak path/to/gpt2 --strong path/to/gpt2-medium --data path/to/gsm8k
+On several GPUs (each rolls out its share of every batch):
+    torchrun --nproc_per_node=4 tandem.py --weak gpt2 --strong gpt2-medium
 """
 
 import argparse
@@ -32,6 +34,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
@@ -56,6 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--samples-per-prompt", type=int, default=2, help="rollouts per prompt (paper: 2)")
     p.add_argument("--micro-batch-size", type=int, default=16, help="rollouts per forward/backward in the gradient pass (memory knob)")
     p.add_argument("--handoff-prob", type=float, default=0.5, help="chance that the weak model samples each token (paper: 0.5; 0 = plain RL)")
+    p.add_argument("--handoff-unit", default="token", choices=["token", "word"],
+                   help="token: a coin for every token (paper); word: owners change only where a new word starts")
+    p.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads (e.g. few-shot in French)")
+    p.add_argument("--weak-token-weight", type=float, default=0.0,
+                   help="weight of the weak model's tokens in the loss (0: they are context, not actions)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of the RL updates")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm of each update to this")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest solution sampled (paper: 256)")
@@ -96,6 +104,8 @@ def check_args(args):
             raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(args, name)}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if args.weak_token_weight < 0:
+        raise UsageError(f"--weak-token-weight must be 0 or more, got {args.weak_token_weight}")
     if args.baseline == "loo" and args.samples_per_prompt < 2:
         raise UsageError("the leave-one-out baseline needs --samples-per-prompt 2 or more (or choose --baseline mean/none)")
     if args.lr <= 0 or args.sft_lr <= 0:
@@ -156,8 +166,26 @@ def read_jsonl(path):
     return rows
 
 
+def read_text(path, flag):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{flag} {path}: cannot read it ({e.strerror if isinstance(e, OSError) else 'not UTF-8 text'})") from None
+
+
 def format_prompt(question):
     return f"Question: {question}\nAnswer:"
+
+
+def encode_prompts(tokenizer, problems, device, weak_prefix=None):
+    """Left-padded prompts as (ids, mask); and the weak model's own, with `weak_prefix` (the text of
+    --weak-prompt) in front, or None when it reads the same prompts."""
+    def encode(prefix):
+        enc = tokenizer([prefix + format_prompt(p["question"]) for p in problems], return_tensors="pt", padding=True)
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    return encode(""), encode(weak_prefix) if weak_prefix else None
 
 
 # -----------------------------------------------------------------------------
@@ -245,6 +273,18 @@ def check_same_tokenizer(strong_tok, weak_tok):
         raise UsageError(f"weak and strong models end text differently ({weak_tok.eos_token!r} vs {strong_tok.eos_token!r})")
 
 
+def check_fits(strong, weak, tokenizer, problems, max_new_tokens, weak_prefix=None):
+    """One clear line now, instead of an index error mid-run, if the longest prompt plus
+    --max-new-tokens would run past a model's positions."""
+    for name, model, prefix in [("strong", strong, ""), ("weak", weak, weak_prefix or "")]:
+        context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+        prompts = tokenizer([prefix + format_prompt(p["question"]) for p in problems])["input_ids"]
+        longest = max(map(len, prompts))
+        if context and longest + max_new_tokens > context:
+            raise UsageError(f"the longest {name} prompt ({longest} tokens) and --max-new-tokens {max_new_tokens} exceed "
+                             f"the {name} model's {context} positions: lower --max-new-tokens or shorten --weak-prompt")
+
+
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -298,50 +338,85 @@ def sample(logits, temperature):
 
 @torch.no_grad()
 def tandem_generate(strong, weak, input_ids, attention_mask, handoff_prob, max_new_tokens,
-                    temperature, eos_token_id, vocab_size=None):
+                    temperature, eos_token_id, vocab_size=None, word_starts=None, weak_prompt=None):
     """Sample continuations of left-padded prompts; each token's owner is the weak model with
     probability `handoff_prob`, else the strong one. `vocab_size` cuts logits of output layers
-    padded past the tokenizer. Uses the global torch RNG."""
-    B, P = input_ids.shape
+    padded past the tokenizer. With `word_starts` (a bool per token id: its text begins a new
+    word), owners change only at word starts (see word_handoff). `weak_prompt` = (ids, mask)
+    gives the weak model prompts of its own (left-padded too); both models read every new token.
+    Uses the global torch RNG."""
+    B = input_ids.shape[0]
     device = input_ids.device
-    # Owners are drawn up front on the host, so each model's rows are known without a device sync.
-    owner_weak = torch.rand(max_new_tokens, B) < handoff_prob
+    # Coins are drawn up front on the host, so each model's rows are known without a device sync.
+    coin_weak = torch.rand(max_new_tokens, B) < handoff_prob
     tokens = torch.full((B, max_new_tokens), eos_token_id, dtype=torch.long, device=device)
+    from_weak = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    # One attention mask for the whole rollout: the caches' causal masks hide the slots not yet written.
-    attn = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
-    next_position = attention_mask.long().sum(-1, keepdim=True)
     # A model that owns no token of this rollout (always so at handoff 0 or 1) need not read any.
-    readers = {name: model for name, model, owns in [("strong", strong, ~owner_weak), ("weak", weak, owner_weak)]
+    readers = {name: model for name, model, owns in [("strong", strong, ~coin_weak), ("weak", weak, coin_weak)]
                if owns.any()}
-    # Static caches are allocated once; a DynamicCache would copy every layer's keys and values at each step.
-    caches = {name: StaticCache(config=model.config, max_cache_len=P + max_new_tokens) for name, model in readers.items()}
+    prompts = {"strong": (input_ids, attention_mask), "weak": weak_prompt or (input_ids, attention_mask)}
+    # Per reader, one attention mask for the whole rollout (the caches' causal masks hide the slots
+    # not yet written), the position of its first new token, and a static cache: allocated once,
+    # where a DynamicCache would copy every layer's keys and values at each step.
+    attn = {name: torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1) for name, (_, mask) in prompts.items()}
+    next_position = {name: mask.long().sum(-1, keepdim=True) for name, (_, mask) in prompts.items()}
+    caches = {name: StaticCache(config=model.config, max_cache_len=attn[name].shape[1])
+              for name, model in readers.items()}
+    by_word = word_starts is not None and len(readers) == 2
+    weak_owns = coin_weak[0].to(device)  # by word: who owns the word being written
 
-    def read(ids, positions):  # feed tokens to every reader; return its last hidden state
-        return {name: body(model)(ids, attention_mask=attn, position_ids=positions, cache=caches[name],
-                                  use_cache=True).last_hidden_state[:, -1] for name, model in readers.items()}
+    def read(ids, positions):  # feed each reader its tokens; return its last hidden state
+        return {name: body(model)(ids[name], attention_mask=attn[name], position_ids=positions[name],
+                                  cache=caches[name], use_cache=True).last_hidden_state[:, -1]
+                for name, model in readers.items()}
 
-    hidden = read(input_ids, position_ids(attention_mask))
+    hidden = read({name: ids for name, (ids, _) in prompts.items()},
+                  {name: position_ids(mask) for name, (_, mask) in prompts.items()})
     for t in range(max_new_tokens):
-        token = torch.empty(B, dtype=torch.long, device=device)
-        for name, model in readers.items():
-            rows = (owner_weak[t] if name == "weak" else ~owner_weak[t]).nonzero().squeeze(1)
-            if len(rows):
-                # The output layer only for the rows this model owns: at handoff 0.5 that halves
-                # each model's largest matmul (50k-token vocabulary) at every step.
-                rows = rows.to(device, non_blocking=True)
-                token[rows] = sample(head(model)(hidden[name][rows])[:, :vocab_size], temperature)
+        if by_word:
+            logits = {name: head(model)(hidden[name])[:, :vocab_size] for name, model in readers.items()}
+            token, weak_owns = word_handoff(logits, weak_owns, coin_weak[t].to(device, non_blocking=True),
+                                            word_starts, temperature)
+        else:
+            token = torch.empty(B, dtype=torch.long, device=device)
+            for name, model in readers.items():
+                rows = (coin_weak[t] if name == "weak" else ~coin_weak[t]).nonzero().squeeze(1)
+                if len(rows):
+                    # The output layer only for the rows this model owns: at handoff 0.5 that halves
+                    # each model's largest matmul (50k-token vocabulary) at every step.
+                    rows = rows.to(device, non_blocking=True)
+                    token[rows] = sample(head(model)(hidden[name][rows])[:, :vocab_size], temperature)
+            weak_owns = coin_weak[t].to(device, non_blocking=True)
         token.masked_fill_(done, eos_token_id)
         tokens[:, t] = token
+        from_weak[:, t] = weak_owns & ~done
         mask[:, t] = ~done
         done |= token == eos_token_id
         if t == max_new_tokens - 1 or done.all():  # the one host sync per token
             break
-        hidden = read(token[:, None], next_position + t)
+        hidden = read({name: token[:, None] for name in readers}, {name: next_position[name] + t for name in readers})
     n = t + 1
-    from_weak = owner_weak[:n].T.to(device) & mask[:, :n]
-    return Rollout(tokens[:, :n], from_weak, mask[:, :n])
+    return Rollout(tokens[:, :n], from_weak[:, :n], mask[:, :n])
+
+
+def word_handoff(logits, weak_owns, coin_weak, word_starts, temperature):
+    """One step of handoffs by word (--handoff-unit word). The owner of the current word samples
+    the next token. If that token starts a new word, the coin picks the new word's owner; when it
+    picks the other model, that model writes the word's first token instead, sampled from its own
+    word-starting tokens. So the current owner decides where a word ends, and owners change only
+    at word starts. Returns the tokens and the new owners (True: weak)."""
+    token = sample(torch.where(weak_owns[:, None], logits["weak"], logits["strong"]), temperature)
+    owner = torch.where(word_starts[token], coin_weak, weak_owns)
+    starts = torch.where(owner[:, None], logits["weak"], logits["strong"]).masked_fill(~word_starts, float("-inf"))
+    return torch.where(owner != weak_owns, sample(starts, temperature), token), owner
+
+
+def word_start_mask(tokenizer, device):
+    """For --handoff-unit word: True for each token id whose text begins with a space or newline."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return torch.tensor([text[:1].isspace() for text in texts], device=device)
 
 
 def completion_texts(tokenizer, rollout):
@@ -458,88 +533,162 @@ def chosen_logprobs(head, hidden, tokens, temperature, vocab_size):
 
 
 def policy_gradient(model, prompt_ids, prompt_mask, rollout, advantages, temperature, micro_batch_size,
-                    vocab_size=None, amp=nullcontext()):
+                    vocab_size=None, amp=nullcontext(), weak_token_weight=0.0):
     """Accumulate the REINFORCE gradient into model's .grad; return the loss.
 
-    loss = -sum(advantage * log p(token)) over the strong model's own tokens (eos included; prompt,
-    padding and weak tokens excluded: the weak tokens are context, not its actions), divided by the
-    number of such tokens in the whole batch, so micro-batches add up to exactly one batch's gradient."""
-    actions = rollout.mask & ~rollout.from_weak
-    n_actions = actions.sum().clamp(min=1)
-    # Rows with zero advantage or no own tokens contribute nothing: skip their forward pass.
-    rows = ((advantages != 0) & actions.any(1)).nonzero().squeeze(1)
+    loss = -sum(advantage * log p(token)) over the strong model's own tokens (eos included; prompt
+    and padding excluded), divided by the number of such tokens in the whole batch, so micro-batches
+    add up to exactly one batch's gradient. The weak model's tokens are context, not the strong
+    model's actions, unless `weak_token_weight` > 0 lets them in with that weight (the follow-up
+    paper's knob; 0 in its main runs)."""
+    own = rollout.mask & ~rollout.from_weak
+    weight = own.float() + weak_token_weight * (rollout.mask & rollout.from_weak).float()
+    total_weight = max(all_sum([weight.sum().item()])[0], 1e-6)  # over every rank's rollouts
+    # Rows with zero advantage or nothing to learn from contribute nothing: skip their forward pass.
+    rows = ((advantages != 0) & (weight > 0).any(1)).nonzero().squeeze(1)
     total = 0.0
     for i in range(0, len(rows), micro_batch_size):
         chunk = rows[i:i + micro_batch_size]
         with amp:
             logp = completion_logprobs(model, prompt_ids[chunk], prompt_mask[chunk], rollout.tokens[chunk],
                                        rollout.mask[chunk], temperature, vocab_size)
-        loss = -(advantages[chunk, None] * logp * actions[chunk]).sum() / n_actions
+        loss = -(advantages[chunk, None] * logp * weight[chunk]).sum() / total_weight
         loss.backward()
         total += loss.item()
     return total
 
 
-def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext()):
-    """One tandem rollout batch and one REINFORCE update of `strong`; returns the step's metrics."""
+def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(), word_starts=None, weak_prefix=None):
+    """One tandem rollout batch and one REINFORCE update of `strong`; returns the step's metrics.
+    Under torchrun, `problems` is this rank's share of the batch and the metrics are the whole
+    batch's. `word_starts` (from word_start_mask) makes handoffs happen only at word starts;
+    `weak_prefix` goes in front of the weak model's prompts."""
     device = next(strong.parameters()).device
     k = args.samples_per_prompt
     repeated = [p for p in problems for _ in range(k)]  # a prompt's k samples sit side by side
-    enc = tokenizer([format_prompt(p["question"]) for p in repeated], return_tensors="pt", padding=True).to(device)
+    (ids, mask), weak_prompt = encode_prompts(tokenizer, repeated, device, weak_prefix)
     with amp:
-        rollout = tandem_generate(strong, weak, enc["input_ids"], enc["attention_mask"], args.handoff_prob,
-                                  args.max_new_tokens, args.temperature, tokenizer.eos_token_id, len(tokenizer))
+        rollout = tandem_generate(strong, weak, ids, mask, args.handoff_prob, args.max_new_tokens, args.temperature,
+                                  tokenizer.eos_token_id, len(tokenizer), word_starts, weak_prompt)
     texts = completion_texts(tokenizer, rollout)
     rewards = torch.tensor([reward(t, p["answer"]) for t, p in zip(texts, repeated)], device=device)
     advantages = (rewards.view(-1, k) - baseline(rewards.view(-1, k), args.baseline)).view(-1)
-    loss = policy_gradient(strong, enc["input_ids"], enc["attention_mask"], rollout, advantages, args.temperature,
-                           args.micro_batch_size, len(tokenizer), amp)
+    loss = policy_gradient(strong, ids, mask, rollout, advantages, args.temperature, args.micro_batch_size,
+                           len(tokenizer), amp, args.weak_token_weight)
+    if distributed():
+        sum_gradients(strong)
     grad_norm = torch.nn.utils.clip_grad_norm_(strong.parameters(), args.grad_clip)
+    # The whole batch's figures, over every rank.
+    n_texts, n_rewarded, n_jargon, n_tokens, n_weak, loss = all_sum(
+        [len(texts), rewards.sum().item(), sum(map(has_jargon, texts)), rollout.mask.sum().item(),
+         rollout.from_weak.sum().item(), loss])
     # A non-finite loss or gradient would poison the weights (and AdamW's moments) for good: skip it.
     finite = math.isfinite(loss) and math.isfinite(grad_norm.item())
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    n_tokens = rollout.mask.sum().item()
     return {
-        "reward": rewards.mean().item(),
-        "jargon_rate": sum(map(has_jargon, texts)) / len(texts),
-        "weak_frac": rollout.from_weak.sum().item() / max(n_tokens, 1),
+        "reward": n_rewarded / n_texts,
+        "jargon_rate": n_jargon / n_texts,
+        "weak_frac": n_weak / max(n_tokens, 1),
         "loss": loss,
         "grad_norm": grad_norm.item(),
-        "mean_tokens": n_tokens / len(texts),
+        "mean_tokens": n_tokens / n_texts,
+        "rollouts": int(n_texts),
         "skipped": not finite,
     }
+
+
+# -----------------------------------------------------------------------------
+# Several GPUs: under torchrun, each process (rank) rolls out its share of every batch
+#
+# One all_reduce of the flat gradient per update, rather than the DistributedDataParallel wrapper:
+# the wrapper syncs inside every backward pass and so needs every rank to run the same number of
+# them, while policy_gradient skips the rows whose advantage is zero, which differ between ranks.
+
+
+def init_distributed(device):
+    """(rank, world_size, device): after joining torchrun's process group, or (0, 1, device)
+    without torchrun. Ranks other than 0 print nothing."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_sum(values):
+    """Sums of a few numbers over all ranks (the numbers themselves in a single process)."""
+    if not distributed():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def sum_gradients(model):
+    """Add up the ranks' gradients: each rank's loss is already divided by the whole batch's count."""
+    params = list(model.parameters())
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    dist.all_reduce(flat)
+    for p, grad in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = grad.view_as(p)
+
+
+def share_weights(*models):
+    """Every rank takes rank 0's weights (after a warm-start, which sampled differently on each)."""
+    for model in models:
+        for p in model.parameters():
+            dist.broadcast(p.data, 0)
+
+
+def same_on_all_ranks(obj):
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return all(o == objs[0] for o in objs)
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints: a run that dies goes on from its last one
 
 
-def save_checkpoint(path, strong, tokenizer, optimizer, step, rng, skipped_updates):
-    """Everything the loop needs to go on exactly where it stopped, written aside and then swapped in."""
+def save_checkpoint(path, strong, tokenizer, optimizer, step, rng, skipped_updates, rng_states):
+    """Everything the loop needs to go on exactly where it stopped, written aside and then swapped
+    in. `rng_states`: torch_rng_state() of every rank."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     strong.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "skipped_updates": skipped_updates, "optimizer": optimizer.state_dict(),
-                "rng_python": rng.getstate(), "rng_torch": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               os.path.join(tmp, "state.pt"))
+                "rng_python": rng.getstate(), "rng_torch": rng_states}, os.path.join(tmp, "state.pt"))
     replace_dir(tmp, path)
 
 
-def load_checkpoint(path, optimizer, rng):
+def load_checkpoint(path, optimizer, rng, rank=0):
     """Restore optimizer and RNG states from save_checkpoint's folder (the model loads from it
     separately); returns (step, skipped_updates). weights_only: a checkpoint cannot run code."""
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     version, internal, gauss = state["rng_python"]
     rng.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["rng_torch"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    if rank < len(state["rng_torch"]):  # else resumed on more processes than it had: a new rank keeps its seed
+        cpu, cuda = state["rng_torch"][rank]
+        torch.set_rng_state(cpu)
+        if cuda is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda)
     return state["step"], state["skipped_updates"]
+
+
+def torch_rng_state():
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
 
 
 def keep_metrics(path, last_step):
@@ -589,9 +738,11 @@ def log_metrics(log, row):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    rank, world_size, device = init_distributed(pick_device(args.device))
+    if args.batch_size % world_size:
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {world_size} processes: make it a multiple")
     random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + rank)  # each rank samples its own rollouts
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
     amp = autocast(device, args.dtype)
@@ -599,7 +750,12 @@ def main(argv=None):
     # Every check comes before anything is written: bad input leaves the run folder as it was.
     train = load_gsm8k("train", args.data)
     test = load_gsm8k("test", args.data)[:args.eval_limit] if args.eval_every else []
+    weak_prefix = read_text(args.weak_prompt, "--weak-prompt") if args.weak_prompt else None
     out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    if distributed():  # one run folder, whatever the ranks' clocks say
+        shared = [out]
+        dist.broadcast_object_list(shared, 0)
+        out = shared[0]
     metrics_path, final_path = os.path.join(out, "metrics.jsonl"), os.path.join(out, "final")
     finished, started = existing(final_path), os.path.exists(metrics_path)
     if finished and args.resume:
@@ -618,16 +774,12 @@ def main(argv=None):
     check_same_tokenizer(tokenizer, load_tokenizer(weak_from, args.trust_remote_code))
     strong = load_model(strong_from, device, args.trust_remote_code)
     weak = load_model(weak_from, device, args.trust_remote_code)
-
-    if args.overwrite:  # the old run's results go; its warm-start stays for reuse
-        for name in ["checkpoint", "checkpoint.old", "final", "final.old"]:
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-        for name in ["eval.json", "metrics.jsonl"]:
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-    os.makedirs(out, exist_ok=True)
-    save_json(os.path.join(out, "config.json"), vars(args) | {"out": out})
-    print(f"run folder: {out} | device {device} | {len(train)} train problems")
+    check_fits(strong, weak, tokenizer, train + test, args.max_new_tokens, weak_prefix)
+    if distributed():
+        dist.barrier()  # every rank has read the run folder before rank 0 writes to it
+    if rank == 0:
+        prepare_run_folder(out, args)
+    print(f"run folder: {out} | device {device} | {world_size} process(es) | {len(train)} train problems")
 
     if args.sft_steps > 0 and not checkpoint:
         # The strong model learns the jargon; the weak one sees the same solutions without it.
@@ -637,43 +789,59 @@ def main(argv=None):
                 continue
             sft(model, tokenizer, train, args.sft_steps, args.sft_batch_size, args.sft_lr, jargon_frac, args.seed,
                 amp, f"sft {role}")
-            save_model(model, tokenizer, sft_path[role])
+            if distributed():
+                share_weights(model)
+            if rank == 0:
+                save_model(model, tokenizer, sft_path[role])
     weak.requires_grad_(False)
+    word_starts = word_start_mask(tokenizer, device) if args.handoff_unit == "word" else None
 
     def evaluation(step):
         from eval import evaluate  # eval.py imports this file, so import it only when needed
 
+        # Every rank evaluates (the same problems, the same result), so none waits long on another.
         result = evaluate(strong, weak, tokenizer, test, args.handoff_prob, max_new_tokens=args.max_new_tokens,
-                          batch_size=args.batch_size * args.samples_per_prompt, seed=args.seed, amp=amp)
+                          batch_size=args.batch_size * args.samples_per_prompt, seed=args.seed, amp=amp,
+                          word_starts=word_starts, weak_prefix=weak_prefix)
         print(f"eval at step {step} | strong {result['strong_accuracy']:.3f} | tandem {result['tandem_accuracy']:.3f} | "
               f"jargon {result['jargon_rate']:.2f} | weak NLL {result['weak_nll']:.3f}", flush=True)
-        log_metrics(log, {"step": step, "kind": "eval"} | result)
-        save_json(os.path.join(out, "eval.json"), result)
+        if rank == 0:
+            log_metrics(log, {"step": step, "kind": "eval"} | result)
+            save_json(os.path.join(out, "eval.json"), result)
 
     # Sampling and the gradient pass both run in eval mode: with dropout on, the gradient would be
     # taken under a different policy from the one that sampled.
     strong.eval()
     optimizer = torch.optim.AdamW(strong.parameters(), lr=args.lr, weight_decay=0.0)
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed)  # the same on every rank: all draw the same batch, each takes its share
     last_step, skipped_updates = 0, 0
     if checkpoint:
-        last_step, skipped_updates = load_checkpoint(checkpoint, optimizer, rng)
+        last_step, skipped_updates = load_checkpoint(checkpoint, optimizer, rng, rank)
         print(f"resuming after step {last_step} from {checkpoint}")
     elif args.resume:
         print(f"no checkpoint in {out} yet: starting from step 1")
-    keep_metrics(metrics_path, last_step if checkpoint else -1)
+    if rank == 0:
+        keep_metrics(metrics_path, last_step if checkpoint else -1)
 
     def save(step):
-        save_checkpoint(os.path.join(out, "checkpoint"), strong, tokenizer, optimizer, step, rng, skipped_updates)
+        rng_states = [torch_rng_state()]
+        if distributed():  # each rank sampled its own rollouts: keep every rank's RNG
+            rng_states = [None] * world_size
+            dist.all_gather_object(rng_states, torch_rng_state())
+        if rank == 0:
+            save_checkpoint(os.path.join(out, "checkpoint"), strong, tokenizer, optimizer, step, rng, skipped_updates,
+                            rng_states)
 
-    with open(metrics_path, "a") as log, Interrupt() as interrupt:
+    # Ranks other than 0 log to nowhere.
+    with open(metrics_path if rank == 0 else os.devnull, "a") as log, Interrupt() as interrupt:
         if args.eval_every and last_step == 0:
             evaluation(0)  # every run records its starting point
         for step in range(last_step + 1, args.steps + 1):
             t0 = time.time()
             try:
-                batch = rng.sample(train, min(args.batch_size, len(train)))
-                metrics = {"step": step, "kind": "train"} | rl_step(strong, weak, tokenizer, optimizer, batch, args, amp)
+                batch = rng.sample(train, min(args.batch_size, len(train)))[rank::world_size]
+                metrics = {"step": step, "kind": "train"} | rl_step(strong, weak, tokenizer, optimizer, batch, args, amp,
+                                                                    word_starts, weak_prefix)
                 skipped_updates += metrics["skipped"]
                 metrics |= {"skipped_updates": skipped_updates, "seconds": time.time() - t0}
                 log_metrics(log, metrics)
@@ -686,15 +854,35 @@ def main(argv=None):
                 saved = existing(os.path.join(out, "checkpoint"))
                 raise UsageError(f"out of memory at step {step}; {f'the checkpoint in {saved} is intact' if saved else 'no checkpoint yet'}: "
                                  "lower --micro-batch-size (or --batch-size, --max-new-tokens) and --resume") from None
-            if (args.save_every and step % args.save_every == 0) or interrupt.requested:
+            stop = all_sum([float(interrupt.requested)])[0] > 0  # every rank stops at the same step
+            if (args.save_every and step % args.save_every == 0) or stop:
                 save(step)
-            if interrupt.requested:
+            if stop:
                 print(f"interrupted: stopped after step {step}, checkpoint saved; add --resume to the same command "
                       "to go on")
                 sys.exit(130)
 
-    save_model(strong, tokenizer, final_path)
+    if distributed():
+        if not same_on_all_ranks(sum(p.double().sum().item() for p in strong.parameters())):
+            raise UsageError("the ranks' weights have drifted apart; this is a bug, please report it")
+        print(f"the strong model's weights are identical on all {world_size} ranks")
+    if rank == 0:
+        save_model(strong, tokenizer, final_path)
     print(f"saved {final_path}")
+    if distributed():
+        dist.destroy_process_group()
+
+
+def prepare_run_folder(out, args):
+    """Rank 0, once every input check has passed: create the folder and record the flags."""
+    if args.overwrite:  # the old run's results go; its warm-start stays for reuse
+        for name in ["checkpoint", "checkpoint.old", "final", "final.old"]:
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        for name in ["eval.json", "metrics.jsonl"]:
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+    os.makedirs(out, exist_ok=True)
+    save_json(os.path.join(out, "config.json"), vars(args) | {"out": out})
 
 
 def run_cli(main):

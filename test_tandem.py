@@ -243,6 +243,46 @@ def test_decoder_is_seeded(tiny):
     assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].from_weak, runs[1].from_weak)
 
 
+def test_weak_prompt_is_read_by_the_weak_model_only(tiny):
+    """With a weak prompt, every token is its owner's argmax of an uncached forward: the strong
+    model over its prompt and the tokens so far, the weak model over prefix + prompt + the same
+    tokens, each with its own left padding and positions."""
+    problems = [{"question": q} for q in ["What is 2 plus 3?", "7", "What is 9 plus 9? Think.", ""]]
+    (ids, attn), weak_prompt = tandem.encode_prompts(tiny.tok, problems, "cpu", "Question: 1+1?\nAnswer: 2\n#### 2\n\n")
+    assert weak_prompt[0].shape[1] > ids.shape[1]
+    torch.manual_seed(0)
+    got = tandem_generate(tiny.strong, tiny.weak, ids, attn, 0.5, 16, 0.0, tiny.tok.eos_token_id,
+                          weak_prompt=weak_prompt)
+    assert got.from_weak.any() and (~got.from_weak).any()
+    seqs = {tiny.strong: (ids, attn), tiny.weak: weak_prompt}
+    for t in range(got.tokens.shape[1]):
+        with torch.no_grad():
+            logits = {m: m(s, attention_mask=a, position_ids=position_ids(a)).logits[:, -1] for m, (s, a) in seqs.items()}
+        owner_argmax = torch.where(got.from_weak[:, t], logits[tiny.weak].argmax(-1), logits[tiny.strong].argmax(-1))
+        assert torch.equal(got.tokens[got.mask[:, t], t], owner_argmax[got.mask[:, t]]), f"step {t}"
+        seqs = {m: (torch.cat([s, got.tokens[:, t:t + 1]], 1), torch.cat([a, torch.ones_like(a[:, :1])], 1))
+                for m, (s, a) in seqs.items()}
+
+
+def test_word_handoffs_change_owners_only_at_word_starts(tiny):
+    word_starts = tandem.word_start_mask(tiny.tok, "cpu")
+    assert word_starts[tiny.tok(" plus")["input_ids"][0]] and not word_starts[tiny.tok("plus")["input_ids"][0]]
+    ids, attn = left_padded(tiny.tok, PROMPTS * 4)
+    torch.manual_seed(0)
+    got = tandem_generate(tiny.strong, tiny.weak, ids, attn, 0.5, 40, 1.5, tiny.tok.eos_token_id, len(tiny.tok),
+                          word_starts)
+    both = got.mask[:, 1:] & got.mask[:, :-1]
+    changes = both & (got.from_weak[:, 1:] != got.from_weak[:, :-1])
+    assert changes.sum() >= 10 and (both & ~changes).sum() >= 10  # owners do change, and do stay
+    assert word_starts[got.tokens[:, 1:][changes]].all()
+    # By token, owners change at non-word-starts too: the check above would catch a missing rule.
+    torch.manual_seed(0)
+    by_token = tandem_generate(tiny.strong, tiny.weak, ids, attn, 0.5, 40, 1.5, tiny.tok.eos_token_id, len(tiny.tok))
+    both = by_token.mask[:, 1:] & by_token.mask[:, :-1]
+    changes = both & (by_token.from_weak[:, 1:] != by_token.from_weak[:, :-1])
+    assert not word_starts[by_token.tokens[:, 1:][changes]].all()
+
+
 # -----------------------------------------------------------------------------
 # REINFORCE
 
@@ -323,6 +363,26 @@ def test_gradient_step_raises_logprob_of_rewarded_tokens(tiny):
     assert after[0] > before[0] and after[1] < before[1]
 
 
+def test_weak_token_weight_lets_weak_tokens_into_the_loss(tiny):
+    """With weight w, the gradient equals that of a loss where the weak tokens count w times a
+    strong model's own token: checked against the direct computation with both masks."""
+    ids, attn, roll = rollout_for_loss(tiny)
+    advantages = torch.tensor([1.0, -0.5, 0.25, 2.0])
+    tiny.strong.zero_grad(set_to_none=True)
+    policy_gradient(tiny.strong, ids, attn, roll, advantages, 1.0, 2, weak_token_weight=0.3)
+    got = grads(tiny.strong)
+    tiny.strong.zero_grad(set_to_none=True)
+    logp = completion_logprobs(tiny.strong, ids, attn, roll.tokens, roll.mask, 1.0)
+    weight = (roll.mask & ~roll.from_weak) + 0.3 * (roll.mask & roll.from_weak)
+    (-(advantages[:, None] * logp * weight).sum() / weight.sum()).backward()
+    expected = grads(tiny.strong)
+    tiny.strong.zero_grad(set_to_none=True)
+    assert torch.allclose(got, expected, atol=1e-6)
+    policy_gradient(tiny.strong, ids, attn, roll, advantages, 1.0, 2)
+    assert not torch.allclose(got, grads(tiny.strong), atol=1e-6)  # weight 0 differs
+    tiny.strong.zero_grad(set_to_none=True)
+
+
 def test_weak_tokens_get_no_gradient(tiny):
     ids, attn, roll = rollout_for_loss(tiny)
     all_weak = Rollout(roll.tokens, roll.mask.clone(), roll.mask)
@@ -352,8 +412,8 @@ def test_reinforce_learns_a_learnable_task(tiny, tmp_path):
     tandem.sft(model, tok, [{"question": q, "answer": f"#### {rng.randint(0, 9)}"} for q in questions * 20],
                steps=80, batch_size=16, lr=3e-3, jargon_frac=1.0, seed=0)
     problems = [{"question": q, "answer": "#### 7"} for q in questions]
-    args = Namespace(samples_per_prompt=4, handoff_prob=0.0, max_new_tokens=6, temperature=1.0, baseline="loo",
-                     micro_batch_size=16, grad_clip=1.0)
+    args = tandem.parse_args(["--samples-per-prompt", "4", "--handoff-prob", "0", "--max-new-tokens", "6",
+                              "--temperature", "1.0"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     torch.manual_seed(0)
     rewards = [tandem.rl_step(model, model, tok, optimizer, problems, args)["reward"] for _ in range(30)]
@@ -396,8 +456,12 @@ def test_cli_end_to_end(tiny, tmp_path):
     tandem.AutoTokenizer.from_pretrained(out / "final")
     changed = [n for (n, a), b in zip(final.named_parameters(), start.parameters()) if not torch.equal(a, b)]
     assert changed, "RL did not change the strong model"
-    # Starting again in the same folder reuses the warm-start instead of training it again.
-    assert "reusing the warm-start" in tandem_cli("--steps", "1", "--eval-every", "0", "--overwrite")
+    # Starting again in the same folder reuses the warm-start instead of training it again; the
+    # paper's other knobs go through the whole script too.
+    (tmp_path / "prefix.txt").write_text("Question: What is 1 plus 1?\nAnswer: 1+1=2\n#### 2\n\n")
+    printed = tandem_cli("--steps", "2", "--eval-every", "2", "--eval-limit", "4", "--overwrite", "--handoff-unit", "word",
+                         "--weak-prompt", str(tmp_path / "prefix.txt"), "--weak-token-weight", "0.1")
+    assert "reusing the warm-start" in printed and "step 2/2" in printed
 
 
 # -----------------------------------------------------------------------------
@@ -418,9 +482,9 @@ def three_term_sums(n, seed):
 
 def test_tandem_training_removes_jargon_and_plain_rl_does_not():
     """A strong model warm-started on mostly annotated solutions, a weak one on plain solutions.
-    From one warm-start, 80 REINFORCE steps at handoff 0.5 must make the strong model drop the
+    From one warm-start, 120 REINFORCE steps at handoff 0.5 must make the strong model drop the
     annotations and write text the weak one can continue, while keeping most of its solo accuracy;
-    the same 80 steps at handoff 0 (plain RL) must leave the annotations in place.
+    the same 120 steps at handoff 0 (plain RL) must leave the annotations in place.
     TANDEM_TOY_SEED picks another seed (0 to 3 were checked)."""
     seed = int(os.environ.get("TANDEM_TOY_SEED", "0"))
     start_time = time.time()
@@ -439,15 +503,15 @@ def test_tandem_training_removes_jargon_and_plain_rl_does_not():
         return evaluation.evaluate(strong, weak, tok, test, 0.5, max_new_tokens=40, batch_size=200, seed=seed)
 
     results = {"warm-start": evaluate()}
-    args = Namespace(samples_per_prompt=2, max_new_tokens=40, temperature=1.0, baseline="loo", micro_batch_size=64,
-                     grad_clip=1.0)
     for arm, handoff_prob in [("tandem RL (handoff 0.5)", 0.5), ("plain RL (handoff 0)", 0.0)]:
         strong.load_state_dict(warm_start)
         torch.manual_seed(seed)
         rng = random.Random(seed)
         optimizer = torch.optim.AdamW(strong.parameters(), lr=5e-4, weight_decay=0.0)
-        for _ in range(80):
-            tandem.rl_step(strong, weak, tok, optimizer, rng.sample(train, 32), Namespace(**vars(args), handoff_prob=handoff_prob))
+        args = tandem.parse_args(["--handoff-prob", str(handoff_prob), "--max-new-tokens", "40", "--temperature", "1.0",
+                                  "--micro-batch-size", "64"])
+        for _ in range(120):
+            tandem.rl_step(strong, weak, tok, optimizer, rng.sample(train, 32), args)
         results[arm] = evaluate()
 
     print(f"\ntoy world, seed {seed}: weak model alone {results['warm-start']['weak_accuracy']:.3f}; greedy, "
@@ -514,12 +578,15 @@ BAD_INPUTS = [  # (flags, what the error must say)
     (["--data", "{root}/empty.jsonl"], "no problems"),
     (["--handoff-prob", "1.5"], "between 0 and 1"),
     (["--temperature", "-1"], "--temperature must be 0 (greedy) or more"),
+    (["--weak-prompt", "{root}/missing.txt"], "--weak-prompt"),
+    (["--weak-prompt", "{root}/malformed.jsonl", "--max-new-tokens", "90"], "exceed the weak model's 128 positions"),
 ]
 TANDEM_ONLY = [
     (["--steps", "0"], "--steps must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--samples-per-prompt", "1"], "leave-one-out baseline needs --samples-per-prompt 2 or more"),
     (["--resume", "--overwrite"], "choose one"),
+    (["--weak-token-weight", "-1"], "--weak-token-weight must be 0 or more"),
 ]
 EVAL_ONLY = [
     (["--limit", "0"], "--limit must be at least 1"),
@@ -532,7 +599,7 @@ def test_tandem_bad_input_is_one_line_and_writes_nothing(tiny, bad_inputs, tmp_p
     data = write_data(tmp_path / "gsm8k")
     argv = ["--strong", tiny.root / "strong", "--weak", tiny.root / "weak", "--data", data, "--out", tmp_path / "run",
             "--sft-steps", "0", "--steps", "1", "--device", "cpu"]
-    err = usage_error(capsys, tandem, argv + [f.format(root=bad_inputs) for f in flags])
+    err = usage_error(capsys, tandem, argv + [f.format(root=bad_inputs) for f in flags], alone="128 positions" not in message)
     assert message in err
     assert not (tmp_path / "run").exists()
 
@@ -542,7 +609,8 @@ def test_eval_bad_input_is_one_line(tiny, bad_inputs, tmp_path, capsys, flags, m
     data = write_data(tmp_path / "gsm8k")
     argv = ["--strong", tiny.root / "strong", "--weak", tiny.root / "weak", "--data", data, "--device", "cpu",
             "--json", tmp_path / "eval.json"]
-    err = usage_error(capsys, evaluation, argv + [f.format(root=bad_inputs) for f in flags])
+    err = usage_error(capsys, evaluation, argv + [f.format(root=bad_inputs) for f in flags],
+                      alone="128 positions" not in message)
     assert message in err
     assert not (tmp_path / "eval.json").exists()
 
@@ -553,8 +621,8 @@ def test_a_non_finite_gradient_skips_the_update(tiny, tmp_path, monkeypatch):
     model.transformer.h[0].mlp.c_fc.weight.register_hook(lambda grad: grad * float("nan"))
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    args = Namespace(samples_per_prompt=2, handoff_prob=0.0, max_new_tokens=8, temperature=1.0, baseline="none",
-                     micro_batch_size=8, grad_clip=1.0)
+    args = tandem.parse_args(["--handoff-prob", "0", "--max-new-tokens", "8", "--temperature", "1.0",
+                              "--baseline", "none"])
     problems = [{"question": q, "answer": "#### 1"} for q in ["1?", "2?"]]
     torch.manual_seed(0)
     metrics = tandem.rl_step(model, model, tiny.tok, optimizer, problems, args)
@@ -634,6 +702,63 @@ def test_interrupted_runs_resume_to_the_same_result(tiny, tmp_path, capsys):
     tandem.main(flags(tmp_path / "killed", "--resume"))
     assert "nothing to resume" in capsys.readouterr().out
     assert "already holds a finished run" in usage_error(capsys, tandem, flags(tmp_path / "killed"))
+
+# -----------------------------------------------------------------------------
+# Several processes
+
+
+def half_batch_gradient(rank, folder):
+    """One of two gloo processes: the REINFORCE gradient of its half of the batch, summed over both."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    model = tandem.AutoModelForCausalLM.from_pretrained(folder / "model").eval()
+    ids, attn, tokens, from_weak, mask, advantages = torch.load(folder / "batch.pt")
+    half = slice(2 * rank, 2 * rank + 2)
+    policy_gradient(model, ids[half], attn[half], Rollout(tokens[half], from_weak[half], mask[half]), advantages[half],
+                    0.7, micro_batch_size=1)
+    tandem.sum_gradients(model)
+    torch.save(grads(model), folder / f"grad{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_add_up_to_the_whole_batch_gradient(tiny, tmp_path):
+    """Each rank's loss is divided by the whole batch's token count, and the ranks' gradients are
+    summed: two processes with half the rollouts each get exactly the one-process gradient."""
+    ids, attn, roll = rollout_for_loss(tiny)
+    advantages = torch.tensor([1.0, -0.5, 0.25, 2.0])
+    tiny.strong.zero_grad(set_to_none=True)
+    policy_gradient(tiny.strong, ids, attn, roll, advantages, 0.7, micro_batch_size=4)
+    whole = grads(tiny.strong)
+    tiny.strong.zero_grad(set_to_none=True)
+    tiny.strong.save_pretrained(tmp_path / "model")
+    torch.save((ids, attn, roll.tokens, roll.from_weak, roll.mask, advantages), tmp_path / "batch.pt")
+    torch.multiprocessing.spawn(half_batch_gradient, args=(tmp_path,), nprocs=2)
+    for rank in range(2):
+        assert torch.allclose(torch.load(tmp_path / f"grad{rank}.pt"), whole, atol=1e-6)
+
+
+def test_torchrun_with_two_processes(tiny, tmp_path):
+    """torchrun, 2 CPU processes (gloo): rank 0 alone prints and writes the metrics, every step
+    once with the whole batch's rollouts; the ranks end with identical weights (tandem.py checks
+    and says so), and those are the saved final model."""
+    data = write_data(tmp_path / "gsm8k")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "tandem.py"),
+           "--strong", str(tiny.root / "strong"), "--weak", str(tiny.root / "weak"), "--data", str(data), "--out", str(out),
+           "--sft-steps", "150", "--sft-lr", "3e-3", "--lr", "1e-3", "--batch-size", "8", "--max-new-tokens", "16",
+           "--temperature", "1.0", "--steps", "4", "--save-every", "2", "--eval-every", "2", "--eval-limit", "4",
+           "--device", "cpu"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    assert "identical on all 2 ranks" in run.stdout and run.stdout.count("step 1/4 ") == 1  # printed by rank 0 only
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 4]
+    assert all(r["rollouts"] == 8 * 2 for r in rows if r["kind"] == "train")  # --batch-size prompts x 2, not per rank
+    assert any(r["reward"] > 0 for r in rows if r["kind"] == "train")
+    final = tandem.AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    start = tandem.AutoModelForCausalLM.from_pretrained(out / "sft" / "strong").state_dict()
+    assert any(not torch.equal(final[k], start[k]) for k in final)
+
 
 # -----------------------------------------------------------------------------
 # eval.py
@@ -722,7 +847,9 @@ def test_eval_cli_writes_json(tiny, tmp_path):
     data.write_text("\n".join(json.dumps(p) for p in toy_problems(5, seed=2)) + "\n")
     cmd = [sys.executable, str(HERE / "eval.py"), "--strong", str(tiny.root / "strong"), "--weak",
            str(tiny.root / "weak"), "--data", str(data), "--limit", "4", "--max-new-tokens", "10", "--curve", "0,1",
-           "--batch-size", "2", "--examples", "1", "--json", str(tmp_path / "eval.json"), "--device", "cpu"]
+           "--batch-size", "2", "--examples", "1", "--json", str(tmp_path / "eval.json"), "--device", "cpu",
+           "--handoff-unit", "word", "--weak-prompt", str(tmp_path / "prefix.txt")]
+    (tmp_path / "prefix.txt").write_text("Question: What is 1 plus 1?\nAnswer: 1+1=2\n#### 2\n\n")
     run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)
     assert run.returncode == 0, run.stderr
     result = json.loads((tmp_path / "eval.json").read_text())
