@@ -192,16 +192,21 @@ def peak_memory(device):
     return torch.cuda.max_memory_allocated() if device.type == "cuda" else proc_status("VmHWM")
 
 
+def bench_setup(args):
+    """The device, the autocast context and the two models, as training would use them."""
+    device = tandem.pick_device(args.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32, as in training
+    strong, weak = bench_model(args.strong, device, args), bench_model(args.weak, device, args)
+    return device, tandem.autocast(device, args.dtype), strong, weak
+
+
 def rl_step_cost(args, micro_batch_size, batch_size):
     """Seconds and peak memory (above what was in use before) of one RL step: tandem rollouts at
     --handoff-prob, the gradient pass in micro-batches, the optimizer step. Every row gets a nonzero
     advantage, so every row goes through the gradient pass. Run it in a fresh process."""
-    device = tandem.pick_device(args.device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
-    amp = tandem.autocast(device, args.dtype)
-    strong = bench_model(args.strong, device, args)
-    weak = bench_model(args.weak, device, args).requires_grad_(False)
+    device, amp, strong, weak = bench_setup(args)
+    weak.requires_grad_(False)
     optimizer = torch.optim.AdamW(strong.parameters(), lr=1e-6, weight_decay=0.0)
     for p in strong.parameters():  # allocate AdamW's state now, so the peak below is the step's own
         p.grad = torch.zeros_like(p)
@@ -227,26 +232,20 @@ def rl_step_cost(args, micro_batch_size, batch_size):
 def bench(args):
     import multiprocessing
 
-    device = tandem.pick_device(args.device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32, as in training
-    amp = tandem.autocast(device, args.dtype)
-    strong = bench_model(args.strong, device, args)
-    weak = bench_model(args.weak, device, args)
+    device, amp, strong, weak = bench_setup(args)
     B, n = args.batch_size, args.max_new_tokens
     ids, attn = random_prompts(B, args.prompt_tokens, strong.config.vocab_size, device)
     print(f"benchmark on {device} ({torch.get_num_threads()} threads), strong {args.strong}, weak {args.weak}"
           f"{' (random init)' if args.random_init else ''}: batch {B}, prompts of {ids.shape[1]} tokens or fewer, "
           f"{n} new tokens, temperature {BENCH_TEMPERATURE:g}, median of {args.repeats}", flush=True)
     t = bench_decoding(strong, weak, ids, attn, n, BENCH_TEMPERATURE, args.repeats, amp)
-    both = t["HF generate, strong"] + t["HF generate, weak"]
-    compare = {"tandem_generate, handoff 0": t["HF generate, strong"], "tandem_generate, handoff 0.5": both,
-               "tandem_generate, handoff 1": t["HF generate, weak"]}
-    against = {"tandem_generate, handoff 0": "strong's generate", "tandem_generate, handoff 0.5": "sum of both generates",
-               "tandem_generate, handoff 1": "weak's generate"}
+    strong_s, weak_s = t["HF generate, strong"], t["HF generate, weak"]
+    against = {"tandem_generate, handoff 0": (strong_s, "strong's generate"),
+               "tandem_generate, handoff 0.5": (strong_s + weak_s, "sum of both generates"),
+               "tandem_generate, handoff 1": (weak_s, "weak's generate")}
     print(f"\n{'decoding':32}{'seconds':>9}{'tokens/s':>10}   ratio")
     for name, seconds in t.items():
-        ratio = f"{seconds / compare[name]:.3f} x {against[name]}" if name in compare else ""
+        ratio = f"{seconds / against[name][0]:.3f} x {against[name][1]}" if name in against else ""
         print(f"{name:32}{seconds:9.2f}{B * n / seconds:10.1f}   {ratio}")
     del strong, weak  # the RL steps below run in fresh processes
 

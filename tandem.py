@@ -365,7 +365,8 @@ def tandem_generate(strong, weak, input_ids, attention_mask, handoff_prob, max_n
     caches = {name: StaticCache(config=model.config, max_cache_len=attn[name].shape[1])
               for name, model in readers.items()}
     by_word = word_starts is not None and len(readers) == 2
-    weak_owns = coin_weak[0].to(device)  # by word: who owns the word being written
+    coin_weak_on_device = coin_weak.to(device)  # one copy up front, none per step
+    weak_owns = coin_weak_on_device[0]  # by word: who owns the word being written
 
     def read(ids, positions):  # feed each reader its tokens; return its last hidden state
         return {name: body(model)(ids[name], attention_mask=attn[name], position_ids=positions[name],
@@ -377,8 +378,7 @@ def tandem_generate(strong, weak, input_ids, attention_mask, handoff_prob, max_n
     for t in range(max_new_tokens):
         if by_word:
             logits = {name: head(model)(hidden[name])[:, :vocab_size] for name, model in readers.items()}
-            token, weak_owns = word_handoff(logits, weak_owns, coin_weak[t].to(device, non_blocking=True),
-                                            word_starts, temperature)
+            token, weak_owns = word_handoff(logits, weak_owns, coin_weak_on_device[t], word_starts, temperature)
         else:
             token = torch.empty(B, dtype=torch.long, device=device)
             for name, model in readers.items():
@@ -388,7 +388,7 @@ def tandem_generate(strong, weak, input_ids, attention_mask, handoff_prob, max_n
                     # each model's largest matmul (50k-token vocabulary) at every step.
                     rows = rows.to(device, non_blocking=True)
                     token[rows] = sample(head(model)(hidden[name][rows])[:, :vocab_size], temperature)
-            weak_owns = coin_weak[t].to(device, non_blocking=True)
+            weak_owns = coin_weak_on_device[t]
         token.masked_fill_(done, eos_token_id)
         tokens[:, t] = token
         from_weak[:, t] = weak_owns & ~done
@@ -767,9 +767,9 @@ def main(argv=None):
     checkpoint = existing(os.path.join(out, "checkpoint")) if args.resume else None
     # The warm-start is saved under the run folder; a later run in the same folder loads it instead.
     sft_path = {role: os.path.join(out, "sft", role) for role in ("strong", "weak")}
-    reused = {role: args.sft_steps > 0 and existing(path) is not None for role, path in sft_path.items()}
-    strong_from = checkpoint or (existing(sft_path["strong"]) if reused["strong"] else args.strong)
-    weak_from = existing(sft_path["weak"]) if reused["weak"] else args.weak
+    reused = {role: existing(path) if args.sft_steps > 0 else None for role, path in sft_path.items()}
+    strong_from = checkpoint or reused["strong"] or args.strong
+    weak_from = reused["weak"] or args.weak
     tokenizer = load_tokenizer(strong_from, args.trust_remote_code)
     check_same_tokenizer(tokenizer, load_tokenizer(weak_from, args.trust_remote_code))
     strong = load_model(strong_from, device, args.trust_remote_code)

@@ -308,6 +308,15 @@ def grads(model):
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
 
 
+def gradient_of(model, ids, attn, roll, advantages, temperature, micro_batch_size, **kwargs):
+    """The gradient policy_gradient accumulates from scratch; model.grad is left cleared."""
+    model.zero_grad(set_to_none=True)
+    policy_gradient(model, ids, attn, roll, advantages, temperature, micro_batch_size, **kwargs)
+    gradient = grads(model)
+    model.zero_grad(set_to_none=True)
+    return gradient
+
+
 def test_gradient_is_zero_when_rewards_equal_the_baseline(tiny):
     ids, attn, roll = rollout_for_loss(tiny)
     tiny.strong.zero_grad(set_to_none=True)
@@ -322,11 +331,8 @@ def test_gradient_counts_only_the_strong_models_own_tokens(tiny):
     log p over the strong model's tokens (eos included; weak tokens and padding excluded)."""
     ids, attn, roll = rollout_for_loss(tiny)
     advantages = torch.tensor([1.0, -0.5, 0.25, 2.0])
-    tiny.strong.zero_grad(set_to_none=True)
-    policy_gradient(tiny.strong, ids, attn, roll, advantages, 0.7, micro_batch_size=3)
-    got = grads(tiny.strong)
+    got = gradient_of(tiny.strong, ids, attn, roll, advantages, 0.7, micro_batch_size=3)
 
-    tiny.strong.zero_grad(set_to_none=True)
     own = roll.mask & ~roll.from_weak
     assert roll.from_weak[roll.mask].any() and own[1, 5]  # weak tokens present; row 1's eos is the strong one's
     total = 0
@@ -368,19 +374,15 @@ def test_weak_token_weight_lets_weak_tokens_into_the_loss(tiny):
     strong model's own token: checked against the direct computation with both masks."""
     ids, attn, roll = rollout_for_loss(tiny)
     advantages = torch.tensor([1.0, -0.5, 0.25, 2.0])
-    tiny.strong.zero_grad(set_to_none=True)
-    policy_gradient(tiny.strong, ids, attn, roll, advantages, 1.0, 2, weak_token_weight=0.3)
-    got = grads(tiny.strong)
-    tiny.strong.zero_grad(set_to_none=True)
+    got = gradient_of(tiny.strong, ids, attn, roll, advantages, 1.0, 2, weak_token_weight=0.3)
     logp = completion_logprobs(tiny.strong, ids, attn, roll.tokens, roll.mask, 1.0)
     weight = (roll.mask & ~roll.from_weak) + 0.3 * (roll.mask & roll.from_weak)
     (-(advantages[:, None] * logp * weight).sum() / weight.sum()).backward()
     expected = grads(tiny.strong)
     tiny.strong.zero_grad(set_to_none=True)
     assert torch.allclose(got, expected, atol=1e-6)
-    policy_gradient(tiny.strong, ids, attn, roll, advantages, 1.0, 2)
-    assert not torch.allclose(got, grads(tiny.strong), atol=1e-6)  # weight 0 differs
-    tiny.strong.zero_grad(set_to_none=True)
+    weight_0 = gradient_of(tiny.strong, ids, attn, roll, advantages, 1.0, 2)
+    assert not torch.allclose(got, weight_0, atol=1e-6)
 
 
 def test_weak_tokens_get_no_gradient(tiny):
@@ -725,10 +727,7 @@ def test_two_processes_add_up_to_the_whole_batch_gradient(tiny, tmp_path):
     summed: two processes with half the rollouts each get exactly the one-process gradient."""
     ids, attn, roll = rollout_for_loss(tiny)
     advantages = torch.tensor([1.0, -0.5, 0.25, 2.0])
-    tiny.strong.zero_grad(set_to_none=True)
-    policy_gradient(tiny.strong, ids, attn, roll, advantages, 0.7, micro_batch_size=4)
-    whole = grads(tiny.strong)
-    tiny.strong.zero_grad(set_to_none=True)
+    whole = gradient_of(tiny.strong, ids, attn, roll, advantages, 0.7, micro_batch_size=4)
     tiny.strong.save_pretrained(tmp_path / "model")
     torch.save((ids, attn, roll.tokens, roll.from_weak, roll.mask, advantages), tmp_path / "batch.pt")
     torch.multiprocessing.spawn(half_batch_gradient, args=(tmp_path,), nprocs=2)
