@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
@@ -532,37 +533,59 @@ def chosen_logprobs(head, hidden, tokens, temperature, vocab_size):
     return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+class Logprobs(torch.nn.Module):
+    """completion_logprobs as a module's forward pass, the form DistributedDataParallel can wrap."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompt_ids, prompt_mask, tokens, mask, temperature, vocab_size=None):
+        return completion_logprobs(self.model, prompt_ids, prompt_mask, tokens, mask, temperature, vocab_size)
+
+
 def policy_gradient(model, prompt_ids, prompt_mask, rollout, advantages, temperature, micro_batch_size,
-                    vocab_size=None, amp=nullcontext(), weak_token_weight=0.0):
+                    vocab_size=None, amp=nullcontext(), weak_token_weight=0.0, ddp=None):
     """Accumulate the REINFORCE gradient into model's .grad; return the loss.
 
     loss = -sum(advantage * log p(token)) over the strong model's own tokens (eos included; prompt
     and padding excluded), divided by the number of such tokens in the whole batch, so micro-batches
     add up to exactly one batch's gradient. The weak model's tokens are context, not the strong
     model's actions, unless `weak_token_weight` > 0 lets them in with that weight (the follow-up
-    paper's knob; 0 in its main runs)."""
+    paper's knob; 0 in its main runs). Under torchrun, `ddp` (from data_parallel) computes the
+    log-probs and adds up the ranks' gradients."""
     own = rollout.mask & ~rollout.from_weak
     weight = own.float() + weak_token_weight * (rollout.mask & rollout.from_weak).float()
     total_weight = max(all_sum([weight.sum().item()])[0], 1e-6)  # over every rank's rollouts
     # Rows with zero advantage or nothing to learn from contribute nothing: skip their forward pass.
     rows = ((advantages != 0) & (weight > 0).any(1)).nonzero().squeeze(1)
+    if ddp is not None and not len(rows):
+        rows = rows.new_zeros(1)  # a row whose loss is 0: this rank still has to join the gradient sync
+    logprobs = ddp if ddp is not None else Logprobs(model)
+    # DDP averages the ranks' gradients; each rank's loss is already its share of the batch's, so scale up to a sum.
+    scale = dist.get_world_size() if ddp is not None else 1
+    chunks = [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
     total = 0.0
-    for i in range(0, len(rows), micro_batch_size):
-        chunk = rows[i:i + micro_batch_size]
-        with amp:
-            logp = completion_logprobs(model, prompt_ids[chunk], prompt_mask[chunk], rollout.tokens[chunk],
-                                       rollout.mask[chunk], temperature, vocab_size)
-        loss = -(advantages[chunk, None] * logp * weight[chunk]).sum() / total_weight
-        loss.backward()
+    for i, chunk in enumerate(chunks):
+        # DDP syncs gradients in the last micro-batch's backward pass only; the others add up locally.
+        sync = ddp.no_sync() if ddp is not None and i < len(chunks) - 1 else nullcontext()
+        with sync:
+            with amp:
+                logp = logprobs(prompt_ids[chunk], prompt_mask[chunk], rollout.tokens[chunk], rollout.mask[chunk],
+                                temperature, vocab_size)
+            loss = -(advantages[chunk, None] * logp * weight[chunk]).sum() / total_weight
+            (loss * scale).backward()
         total += loss.item()
     return total
 
 
-def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(), word_starts=None, weak_prefix=None):
+def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(), word_starts=None, weak_prefix=None,
+            ddp=None):
     """One tandem rollout batch and one REINFORCE update of `strong`; returns the step's metrics.
     Under torchrun, `problems` is this rank's share of the batch and the metrics are the whole
-    batch's. `word_starts` (from word_start_mask) makes handoffs happen only at word starts;
-    `weak_prefix` goes in front of the weak model's prompts."""
+    batch's, and `ddp` (from data_parallel) wraps `strong` for the gradient. `word_starts` (from
+    word_start_mask) makes handoffs happen only at word starts; `weak_prefix` goes in front of the
+    weak model's prompts."""
     device = next(strong.parameters()).device
     k = args.samples_per_prompt
     repeated = [p for p in problems for _ in range(k)]  # a prompt's k samples sit side by side
@@ -574,9 +597,7 @@ def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(
     rewards = torch.tensor([reward(t, p["answer"]) for t, p in zip(texts, repeated)], device=device)
     advantages = (rewards.view(-1, k) - baseline(rewards.view(-1, k), args.baseline)).view(-1)
     loss = policy_gradient(strong, ids, mask, rollout, advantages, args.temperature, args.micro_batch_size,
-                           len(tokenizer), amp, args.weak_token_weight)
-    if distributed():
-        sum_gradients(strong)
+                           len(tokenizer), amp, args.weak_token_weight, ddp)
     grad_norm = torch.nn.utils.clip_grad_norm_(strong.parameters(), args.grad_clip)
     # The whole batch's figures, over every rank.
     n_texts, n_rewarded, n_jargon, n_tokens, n_weak, loss = all_sum(
@@ -600,11 +621,8 @@ def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(
 
 
 # -----------------------------------------------------------------------------
-# Several GPUs: under torchrun, each process (rank) rolls out its share of every batch
-#
-# One all_reduce of the flat gradient per update, rather than the DistributedDataParallel wrapper:
-# the wrapper syncs inside every backward pass and so needs every rank to run the same number of
-# them, while policy_gradient skips the rows whose advantage is zero, which differ between ranks.
+# Several GPUs: under torchrun, each process (rank) rolls out its share of every batch, and
+# DistributedDataParallel adds up the ranks' gradients
 
 
 def init_distributed(device):
@@ -634,13 +652,12 @@ def all_sum(values):
     return t.tolist()
 
 
-def sum_gradients(model):
-    """Add up the ranks' gradients: each rank's loss is already divided by the whole batch's count."""
-    params = list(model.parameters())
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    dist.all_reduce(flat)
-    for p, grad in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = grad.view_as(p)
+def data_parallel(model, device):
+    """The model's log-probs (Logprobs) wrapped in DistributedDataParallel, for policy_gradient."""
+    # No buffer changes in training, so none needs broadcasting; gradients as views of DDP's
+    # communication buckets save one copy of them.
+    return DistributedDataParallel(Logprobs(model), device_ids=[device] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def share_weights(*models):
@@ -813,6 +830,7 @@ def main(argv=None):
     # taken under a different policy from the one that sampled.
     strong.eval()
     optimizer = torch.optim.AdamW(strong.parameters(), lr=args.lr, weight_decay=0.0)
+    ddp = data_parallel(strong, device) if distributed() else None
     rng = random.Random(args.seed)  # the same on every rank: all draw the same batch, each takes its share
     last_step, skipped_updates = 0, 0
     if checkpoint:
@@ -841,7 +859,7 @@ def main(argv=None):
             try:
                 batch = rng.sample(train, min(args.batch_size, len(train)))[rank::world_size]
                 metrics = {"step": step, "kind": "train"} | rl_step(strong, weak, tokenizer, optimizer, batch, args, amp,
-                                                                    word_starts, weak_prefix)
+                                                                    word_starts, weak_prefix, ddp)
                 skipped_updates += metrics["skipped"]
                 metrics |= {"skipped_updates": skipped_updates, "seconds": time.time() - t0}
                 log_metrics(log, metrics)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -244,24 +245,38 @@ def test_decoder_is_seeded(tiny):
 
 
 def test_weak_prompt_is_read_by_the_weak_model_only(tiny):
-    """With a weak prompt, every token is its owner's argmax of an uncached forward: the strong
-    model over its prompt and the tokens so far, the weak model over prefix + prompt + the same
-    tokens, each with its own left padding and positions."""
+    """With a weak prompt, each model's logits at every step equal those of an uncached forward:
+    the strong model's over its prompt and the tokens so far, the weak model's over prefix +
+    prompt + the same tokens, each with its own left padding and positions. The decoder runs each
+    output layer on the rows its model owns only, so those are the logits compared."""
     problems = [{"question": q} for q in ["What is 2 plus 3?", "7", "What is 9 plus 9? Think.", ""]]
     (ids, attn), weak_prompt = tandem.encode_prompts(tiny.tok, problems, "cpu", "Question: 1+1?\nAnswer: 2\n#### 2\n\n")
-    assert weak_prompt[0].shape[1] > ids.shape[1]
+    assert weak_prompt[0].shape[1] > ids.shape[1] and (weak_prompt[1] == 0).any()
+    models = {"strong": tiny.strong, "weak": tiny.weak}
+    cached = {name: [] for name in models}  # each output layer's logits, one entry per call
+    hooks = [tandem.head(model).register_forward_hook(lambda _, __, out, name=name: cached[name].append(out))
+             for name, model in models.items()]
     torch.manual_seed(0)
-    got = tandem_generate(tiny.strong, tiny.weak, ids, attn, 0.5, 16, 0.0, tiny.tok.eos_token_id,
-                          weak_prompt=weak_prompt)
-    assert got.from_weak.any() and (~got.from_weak).any()
-    seqs = {tiny.strong: (ids, attn), tiny.weak: weak_prompt}
+    try:
+        got = tandem_generate(tiny.strong, tiny.weak, ids, attn, 0.5, 16, 1.0, tiny.tok.eos_token_id,
+                              weak_prompt=weak_prompt)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert got.mask.all()  # no row ends early, so from_weak names every step's owners
+    seqs = {"strong": (ids, attn), "weak": weak_prompt}
+    steps = {name: 0 for name in models}
     for t in range(got.tokens.shape[1]):
-        with torch.no_grad():
-            logits = {m: m(s, attention_mask=a, position_ids=position_ids(a)).logits[:, -1] for m, (s, a) in seqs.items()}
-        owner_argmax = torch.where(got.from_weak[:, t], logits[tiny.weak].argmax(-1), logits[tiny.strong].argmax(-1))
-        assert torch.equal(got.tokens[got.mask[:, t], t], owner_argmax[got.mask[:, t]]), f"step {t}"
-        seqs = {m: (torch.cat([s, got.tokens[:, t:t + 1]], 1), torch.cat([a, torch.ones_like(a[:, :1])], 1))
-                for m, (s, a) in seqs.items()}
+        for name, (s, a) in seqs.items():
+            rows = got.from_weak[:, t] if name == "weak" else ~got.from_weak[:, t]
+            if rows.any():
+                with torch.no_grad():
+                    uncached = models[name](s, attention_mask=a, position_ids=position_ids(a)).logits[rows, -1]
+                assert torch.allclose(cached[name][steps[name]], uncached, atol=1e-5), f"{name} at step {t}"
+                steps[name] += 1
+        seqs = {name: (torch.cat([s, got.tokens[:, t:t + 1]], 1), torch.cat([a, torch.ones_like(a[:, :1])], 1))
+                for name, (s, a) in seqs.items()}
+    assert steps == {name: len(calls) for name, calls in cached.items()} and min(steps.values()) > 5
 
 
 def test_word_handoffs_change_owners_only_at_word_starts(tiny):
@@ -709,30 +724,36 @@ def test_interrupted_runs_resume_to_the_same_result(tiny, tmp_path, capsys):
 # Several processes
 
 
-def half_batch_gradient(rank, folder):
-    """One of two gloo processes: the REINFORCE gradient of its half of the batch, summed over both."""
-    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+def half_batch_gradients(rank, folder):
+    """One of two gloo processes: for each advantage vector, the REINFORCE gradient of its half of
+    the batch, as DistributedDataParallel adds it up over both."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2,
+                                         timeout=timedelta(seconds=60))  # a rank left waiting fails the test
     model = tandem.AutoModelForCausalLM.from_pretrained(folder / "model").eval()
+    ddp = tandem.data_parallel(model, torch.device("cpu"))
     ids, attn, tokens, from_weak, mask, advantages = torch.load(folder / "batch.pt")
     half = slice(2 * rank, 2 * rank + 2)
-    policy_gradient(model, ids[half], attn[half], Rollout(tokens[half], from_weak[half], mask[half]), advantages[half],
-                    0.7, micro_batch_size=1)
-    tandem.sum_gradients(model)
-    torch.save(grads(model), folder / f"grad{rank}.pt")
+    roll = Rollout(tokens[half], from_weak[half], mask[half])
+    gradients = [gradient_of(model, ids[half], attn[half], roll, a[half], 0.7, micro_batch_size=1, ddp=ddp)
+                 for a in advantages]
+    torch.save(torch.stack(gradients), folder / f"grad{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
 def test_two_processes_add_up_to_the_whole_batch_gradient(tiny, tmp_path):
-    """Each rank's loss is divided by the whole batch's token count, and the ranks' gradients are
-    summed: two processes with half the rollouts each get exactly the one-process gradient."""
+    """Each rank's loss is its share of the whole batch's, and DistributedDataParallel syncs the
+    gradients once, after the last micro-batch: two processes with half the rollouts each get the
+    one-process gradient. In the second batch, rank 1 has nothing to learn from and still joins."""
     ids, attn, roll = rollout_for_loss(tiny)
-    advantages = torch.tensor([1.0, -0.5, 0.25, 2.0])
-    whole = gradient_of(tiny.strong, ids, attn, roll, advantages, 0.7, micro_batch_size=4)
+    advantages = torch.tensor([[1.0, -0.5, 0.25, 2.0], [1.0, -0.5, 0.0, 0.0]])
+    whole = [gradient_of(tiny.strong, ids, attn, roll, a, 0.7, micro_batch_size=4) for a in advantages]
     tiny.strong.save_pretrained(tmp_path / "model")
     torch.save((ids, attn, roll.tokens, roll.from_weak, roll.mask, advantages), tmp_path / "batch.pt")
-    torch.multiprocessing.spawn(half_batch_gradient, args=(tmp_path,), nprocs=2)
+    torch.multiprocessing.spawn(half_batch_gradients, args=(tmp_path,), nprocs=2)
     for rank in range(2):
-        assert torch.allclose(torch.load(tmp_path / f"grad{rank}.pt"), whole, atol=1e-6)
+        got = torch.load(tmp_path / f"grad{rank}.pt")
+        for g, w in zip(got, whole):
+            assert w.abs().max() > 0 and torch.allclose(g, w, atol=1e-6)
 
 
 def test_torchrun_with_two_processes(tiny, tmp_path):
