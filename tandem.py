@@ -21,6 +21,8 @@ On several GPUs (each rolls out its share of every batch):
 """
 
 import argparse
+import atexit
+import gc
 import json
 import math
 import os
@@ -634,9 +636,18 @@ def init_distributed(device):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(leave_process_group)
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def leave_process_group():
+    """Runs at exit, however the run ends, while Python is still whole. The DistributedDataParallel
+    wrapper sits in a reference cycle; left to the interpreter's shutdown to free, its gloo work
+    sometimes aborts the process ("terminate called without an active exception")."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def distributed():
@@ -654,10 +665,9 @@ def all_sum(values):
 
 def data_parallel(model, device):
     """The model's log-probs (Logprobs) wrapped in DistributedDataParallel, for policy_gradient."""
-    # No buffer changes in training, so none needs broadcasting; gradients as views of DDP's
-    # communication buckets save one copy of them.
+    # Gradients as views of DDP's communication buckets: one copy of them fewer.
     return DistributedDataParallel(Logprobs(model), device_ids=[device] if device.type == "cuda" else None,
-                                   broadcast_buffers=False, gradient_as_bucket_view=True)
+                                   gradient_as_bucket_view=True)
 
 
 def share_weights(*models):
@@ -887,8 +897,6 @@ def main(argv=None):
     if rank == 0:
         save_model(strong, tokenizer, final_path)
     print(f"saved {final_path}")
-    if distributed():
-        dist.destroy_process_group()
 
 
 def prepare_run_folder(out, args):

@@ -737,7 +737,8 @@ def half_batch_gradients(rank, folder):
     gradients = [gradient_of(model, ids[half], attn[half], roll, a[half], 0.7, micro_batch_size=1, ddp=ddp)
                  for a in advantages]
     torch.save(torch.stack(gradients), folder / f"grad{rank}.pt")
-    torch.distributed.destroy_process_group()
+    del ddp  # freed before the process group goes: see tandem.leave_process_group
+    tandem.leave_process_group()
 
 
 def test_two_processes_add_up_to_the_whole_batch_gradient(tiny, tmp_path):
@@ -875,3 +876,20 @@ def test_eval_cli_writes_json(tiny, tmp_path):
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["n"] == 4 and {"strong_accuracy", "weak_accuracy", "tandem_accuracy", "weak_nll", "curve"} <= result.keys()
     assert "strong alone" in run.stdout and "[tandem, weak tokens in {}]" in run.stdout
+
+
+def test_bench_parts_run_on_tiny_models(tiny):
+    """eval.py --bench's two parts, in this process on tiny models (the real run takes minutes):
+    every decoding run gets a time, one RL step reports its time and memory, and the random
+    prompts are left-padded to 90% to 110% of the asked length."""
+    args = evaluation.parse_args(["--bench", "--strong", str(tiny.root / "strong"), "--weak", str(tiny.root / "weak"),
+                                  "--device", "cpu", "--batch-size", "4", "--max-new-tokens", "6", "--repeats", "1"])
+    device, amp, strong, weak = evaluation.bench_setup(args)
+    ids, attn = evaluation.random_prompts(16, 20, len(tiny.tok), device)
+    lengths = attn.sum(1)
+    assert lengths.min() >= 18 and lengths.max() <= 22 and lengths.max() == ids.shape[1] and lengths.min() < lengths.max()
+    assert torch.equal(attn, attn.sort(1).values)  # padding on the left only
+    times = evaluation.bench_decoding(strong, weak, ids[:4], attn[:4], 6, evaluation.BENCH_TEMPERATURE, 1, amp)
+    assert len(times) == 5 and all(0 < t < 60 for t in times.values())
+    seconds, peak = evaluation.rl_step_cost(args, micro_batch_size=2, batch_size=4)
+    assert 0 < seconds < 60 and peak >= 0
