@@ -7,6 +7,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -760,18 +761,28 @@ def test_two_processes_add_up_to_the_whole_batch_gradient(tiny, tmp_path):
 def test_torchrun_with_two_processes(tiny, tmp_path):
     """torchrun, 2 CPU processes (gloo): rank 0 alone prints and writes the metrics, every step
     once with the whole batch's rollouts; the ranks end with identical weights (tandem.py checks
-    and says so), and those are the saved final model."""
+    and says so), and those are the saved final model. A run that dies after its checkpoint at
+    step 2 and is resumed ends with the weights of a run that went straight through."""
     data = write_data(tmp_path / "gsm8k")
+
+    def torchrun(out, *flags):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(HERE / "tandem.py"), "--strong", str(tiny.root / "strong"), "--weak", str(tiny.root / "weak"),
+               "--data", str(data), "--out", str(out), "--sft-steps", "150", "--sft-lr", "3e-3", "--lr", "1e-3",
+               "--batch-size", "8", "--max-new-tokens", "16", "--temperature", "1.0", "--save-every", "2",
+               "--eval-every", "2", "--eval-limit", "4", "--device", "cpu", *flags]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    def metrics(out):  # its rows, less the wall times
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "tandem.py"),
-           "--strong", str(tiny.root / "strong"), "--weak", str(tiny.root / "weak"), "--data", str(data), "--out", str(out),
-           "--sft-steps", "150", "--sft-lr", "3e-3", "--lr", "1e-3", "--batch-size", "8", "--max-new-tokens", "16",
-           "--temperature", "1.0", "--steps", "4", "--save-every", "2", "--eval-every", "2", "--eval-limit", "4",
-           "--device", "cpu"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr
-    assert "identical on all 2 ranks" in run.stdout and run.stdout.count("step 1/4 ") == 1  # printed by rank 0 only
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stdout = torchrun(out, "--steps", "4")
+    assert "identical on all 2 ranks" in stdout and stdout.count("step 1/4 ") == 1  # printed by rank 0 only
+    rows = metrics(out)
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 4]
     assert all(r["rollouts"] == 8 * 2 for r in rows if r["kind"] == "train")  # --batch-size prompts x 2, not per rank
@@ -779,6 +790,15 @@ def test_torchrun_with_two_processes(tiny, tmp_path):
     final = tandem.AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     start = tandem.AutoModelForCausalLM.from_pretrained(out / "sft" / "strong").state_dict()
     assert any(not torch.equal(final[k], start[k]) for k in final)
+
+    died = tmp_path / "died"
+    torchrun(died, "--steps", "2")
+    shutil.rmtree(died / "final")  # as if it had died after the checkpoint at step 2
+    assert "resuming after step 2" in torchrun(died, "--steps", "4", "--resume")
+    # The same rows to the last digit: each rank's rollouts (their handoffs set weak_frac) went on as before.
+    assert metrics(died) == rows
+    resumed = tandem.AutoModelForCausalLM.from_pretrained(died / "final").state_dict()
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
 
 
 # -----------------------------------------------------------------------------
