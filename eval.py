@@ -344,10 +344,7 @@ def main(argv=None):
     amp = tandem.autocast(device, args.dtype)
     problems = tandem.load_gsm8k(args.split, args.data)[:args.limit]
     weak_prefix = tandem.read_text(args.weak_prompt, "--weak-prompt") if args.weak_prompt else None
-    tokenizer = tandem.load_tokenizer(args.strong, args.trust_remote_code)
-    tandem.check_same_tokenizer(tokenizer, tandem.load_tokenizer(args.weak, args.trust_remote_code))
-    strong = tandem.load_model(args.strong, device, args.trust_remote_code)
-    weak = tandem.load_model(args.weak, device, args.trust_remote_code)
+    tokenizer, strong, weak = tandem.load_pair(args.strong, args.weak, device, args.trust_remote_code)
     tandem.check_fits(strong, weak, tokenizer, problems, args.max_new_tokens, weak_prefix)
 
     # Progress on stderr for runs of more than one batch: one line rewritten in a terminal, a line

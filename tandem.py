@@ -279,13 +279,21 @@ def check_same_tokenizer(strong_tok, weak_tok):
 def check_fits(strong, weak, tokenizer, problems, max_new_tokens, weak_prefix=None):
     """One clear line now, instead of an index error mid-run, if the longest prompt plus
     --max-new-tokens would run past a model's positions."""
-    for name, model, prefix in [("strong", strong, ""), ("weak", weak, weak_prefix or "")]:
+    (ids, mask), weak_prompt = encode_prompts(tokenizer, problems, "cpu", weak_prefix)
+    for name, model, (prompt, _) in [("strong", strong, (ids, mask)), ("weak", weak, weak_prompt or (ids, mask))]:
         context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-        prompts = tokenizer([prefix + format_prompt(p["question"]) for p in problems])["input_ids"]
-        longest = max(map(len, prompts))
+        longest = prompt.shape[1]  # prompts are padded to the longest
         if context and longest + max_new_tokens > context:
             raise UsageError(f"the longest {name} prompt ({longest} tokens) and --max-new-tokens {max_new_tokens} exceed "
                              f"the {name} model's {context} positions: lower --max-new-tokens or shorten --weak-prompt")
+
+
+def load_pair(strong_name, weak_name, device, trust_remote_code=False):
+    """(tokenizer, strong, weak). The tokenizers are loaded and compared before any weights."""
+    tokenizer = load_tokenizer(strong_name, trust_remote_code)
+    check_same_tokenizer(tokenizer, load_tokenizer(weak_name, trust_remote_code))
+    strong = load_model(strong_name, device, trust_remote_code)
+    return tokenizer, strong, load_model(weak_name, device, trust_remote_code)
 
 
 def pick_device(name):
@@ -352,13 +360,13 @@ def tandem_generate(strong, weak, input_ids, attention_mask, handoff_prob, max_n
     device = input_ids.device
     # Coins are drawn up front on the host, so each model's rows are known without a device sync.
     coin_weak = torch.rand(max_new_tokens, B) < handoff_prob
+    owns = {"strong": ~coin_weak, "weak": coin_weak}
     tokens = torch.full((B, max_new_tokens), eos_token_id, dtype=torch.long, device=device)
     from_weak = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     # A model that owns no token of this rollout (always so at handoff 0 or 1) need not read any.
-    readers = {name: model for name, model, owns in [("strong", strong, ~coin_weak), ("weak", weak, coin_weak)]
-               if owns.any()}
+    readers = {name: model for name, model in [("strong", strong), ("weak", weak)] if owns[name].any()}
     prompts = {"strong": (input_ids, attention_mask), "weak": weak_prompt or (input_ids, attention_mask)}
     # Per reader, one attention mask for the whole rollout (the caches' causal masks hide the slots
     # not yet written), the position of its first new token, and a static cache: allocated once,
@@ -369,6 +377,9 @@ def tandem_generate(strong, weak, input_ids, attention_mask, handoff_prob, max_n
               for name, model in readers.items()}
     by_word = word_starts is not None and len(readers) == 2
     coin_weak_on_device = coin_weak.to(device)  # one copy up front, none per step
+    # By token: each reader's rows at every step, found on the host and copied to the device in one go.
+    rows = {} if by_word else {name: owns[name].nonzero()[:, 1].to(device).split(owns[name].sum(1).tolist())
+                               for name in readers}
     weak_owns = coin_weak_on_device[0]  # by word: who owns the word being written
 
     def read(ids, positions):  # feed each reader its tokens; return its last hidden state
@@ -385,12 +396,11 @@ def tandem_generate(strong, weak, input_ids, attention_mask, handoff_prob, max_n
         else:
             token = torch.empty(B, dtype=torch.long, device=device)
             for name, model in readers.items():
-                rows = (coin_weak[t] if name == "weak" else ~coin_weak[t]).nonzero().squeeze(1)
-                if len(rows):
+                own = rows[name][t]
+                if len(own):
                     # The output layer only for the rows this model owns: at handoff 0.5 that halves
                     # each model's largest matmul (50k-token vocabulary) at every step.
-                    rows = rows.to(device, non_blocking=True)
-                    token[rows] = sample(head(model)(hidden[name][rows])[:, :vocab_size], temperature)
+                    token[own] = sample(head(model)(hidden[name][own])[:, :vocab_size], temperature)
             weak_owns = coin_weak_on_device[t]
         token.masked_fill_(done, eos_token_id)
         tokens[:, t] = token
@@ -797,10 +807,7 @@ def main(argv=None):
     reused = {role: existing(path) if args.sft_steps > 0 else None for role, path in sft_path.items()}
     strong_from = checkpoint or reused["strong"] or args.strong
     weak_from = reused["weak"] or args.weak
-    tokenizer = load_tokenizer(strong_from, args.trust_remote_code)
-    check_same_tokenizer(tokenizer, load_tokenizer(weak_from, args.trust_remote_code))
-    strong = load_model(strong_from, device, args.trust_remote_code)
-    weak = load_model(weak_from, device, args.trust_remote_code)
+    tokenizer, strong, weak = load_pair(strong_from, weak_from, device, args.trust_remote_code)
     check_fits(strong, weak, tokenizer, train + test, args.max_new_tokens, weak_prefix)
     if distributed():
         dist.barrier()  # every rank has read the run folder before rank 0 writes to it
