@@ -645,7 +645,10 @@ def init_distributed(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Bound to its GPU, NCCL connects (or fails) here, and barriers know which GPU to use.
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     atexit.register(leave_process_group)
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
