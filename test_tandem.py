@@ -245,39 +245,74 @@ def test_decoder_is_seeded(tiny):
     assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].from_weak, runs[1].from_weak)
 
 
-def test_weak_prompt_is_read_by_the_weak_model_only(tiny):
-    """With a weak prompt, each model's logits at every step equal those of an uncached forward:
-    the strong model's over its prompt and the tokens so far, the weak model's over prefix +
-    prompt + the same tokens, each with its own left padding and positions. The decoder runs each
-    output layer on the rows its model owns only, so those are the logits compared."""
-    problems = [{"question": q} for q in ["What is 2 plus 3?", "7", "What is 9 plus 9? Think.", ""]]
-    (ids, attn), weak_prompt = tandem.encode_prompts(tiny.tok, problems, "cpu", "Question: 1+1?\nAnswer: 2\n#### 2\n\n")
-    assert weak_prompt[0].shape[1] > ids.shape[1] and (weak_prompt[1] == 0).any()
+def decode_recording_logits(tiny, *args, amp=tandem.nullcontext(), **kwargs):
+    """tandem_generate(tiny.strong, tiny.weak, *args, **kwargs), and every logits tensor each
+    model's output layer produced in it, in order: {"strong": [...], "weak": [...]}."""
     models = {"strong": tiny.strong, "weak": tiny.weak}
-    cached = {name: [] for name in models}  # each output layer's logits, one entry per call
-    hooks = [tandem.head(model).register_forward_hook(lambda _, __, out, name=name: cached[name].append(out))
+    logits = {name: [] for name in models}
+    hooks = [tandem.head(model).register_forward_hook(lambda _, __, out, name=name: logits[name].append(out))
              for name, model in models.items()]
-    torch.manual_seed(0)
     try:
-        got = tandem_generate(tiny.strong, tiny.weak, ids, attn, 0.5, 16, 1.0, tiny.tok.eos_token_id,
-                              weak_prompt=weak_prompt)
+        with amp:
+            return tandem_generate(tiny.strong, tiny.weak, *args, **kwargs), logits
     finally:
         for hook in hooks:
             hook.remove()
-    assert got.mask.all()  # no row ends early, so from_weak names every step's owners
-    seqs = {"strong": (ids, attn), "weak": weak_prompt}
+
+
+def assert_logits_are_uncached(tiny, prompts, got, logits, atol, amp=tandem.nullcontext()):
+    """Each model's recorded logits equal an uncached forward over its prompt (prompts[name] =
+    (ids, mask)) and the tokens so far, on the rows that model owned at that step; the decoder runs
+    each output layer on those rows only. Needs rollouts in which no row ended early."""
+    assert got.mask.all()  # so from_weak names every step's owners
+    models = {"strong": tiny.strong, "weak": tiny.weak}
     steps = {name: 0 for name in models}
     for t in range(got.tokens.shape[1]):
-        for name, (s, a) in seqs.items():
+        for name, (s, a) in prompts.items():
             rows = got.from_weak[:, t] if name == "weak" else ~got.from_weak[:, t]
             if rows.any():
-                with torch.no_grad():
+                with torch.no_grad(), amp:
                     uncached = models[name](s, attention_mask=a, position_ids=position_ids(a)).logits[rows, -1]
-                assert torch.allclose(cached[name][steps[name]], uncached, atol=1e-5), f"{name} at step {t}"
+                assert torch.allclose(logits[name][steps[name]].float(), uncached.float(), atol=atol), f"{name} at step {t}"
                 steps[name] += 1
-        seqs = {name: (torch.cat([s, got.tokens[:, t:t + 1]], 1), torch.cat([a, torch.ones_like(a[:, :1])], 1))
-                for name, (s, a) in seqs.items()}
-    assert steps == {name: len(calls) for name, calls in cached.items()} and min(steps.values()) > 5
+        prompts = {name: (torch.cat([s, got.tokens[:, t:t + 1]], 1), torch.cat([a, torch.ones_like(a[:, :1])], 1))
+                   for name, (s, a) in prompts.items()}
+    assert steps == {name: len(calls) for name, calls in logits.items()} and min(steps.values()) > 5
+
+
+def test_weak_prompt_is_read_by_the_weak_model_only(tiny):
+    """With a weak prompt, each model's logits at every step equal those of an uncached forward:
+    the strong model's over its prompt and the tokens so far, the weak model's over prefix +
+    prompt + the same tokens, each with its own left padding and positions."""
+    problems = [{"question": q} for q in ["What is 2 plus 3?", "7", "What is 9 plus 9? Think.", ""]]
+    (ids, attn), weak_prompt = tandem.encode_prompts(tiny.tok, problems, "cpu", "Question: 1+1?\nAnswer: 2\n#### 2\n\n")
+    assert weak_prompt[0].shape[1] > ids.shape[1] and (weak_prompt[1] == 0).any()
+    torch.manual_seed(0)
+    got, logits = decode_recording_logits(tiny, ids, attn, 0.5, 16, 1.0, tiny.tok.eos_token_id, weak_prompt=weak_prompt)
+    assert_logits_are_uncached(tiny, {"strong": (ids, attn), "weak": weak_prompt}, got, logits, atol=1e-5)
+
+
+def test_bfloat16_autocast_decodes_and_learns_like_float32(tiny):
+    """On CUDA the default is bf16 autocast over float32 weights. The same autocast on CPU runs the
+    same code: the KV caches fill with bf16, and the log-probs are taken in float32."""
+    amp = tandem.autocast(torch.device("cpu"), "bfloat16")
+    ids, attn = left_padded(tiny.tok, PROMPTS)
+    torch.manual_seed(0)
+    got, logits = decode_recording_logits(tiny, ids, attn, 0.5, 16, 1.0, tiny.tok.eos_token_id, amp=amp)
+    assert logits["strong"][0].dtype == torch.bfloat16  # autocast did take over
+    # Within bf16 rounding (8 bits of mantissa) of the logits, which are below 1 on these models.
+    assert_logits_are_uncached(tiny, {"strong": (ids, attn), "weak": (ids, attn)}, got, logits, atol=1e-2, amp=amp)
+    with amp:  # a bf16 log-softmax over a 50k vocabulary would be off by tenths of a nat
+        assert completion_logprobs(tiny.strong, ids, attn, got.tokens, got.mask, 1.0).dtype == torch.float32
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    grads = []
+    for context in [tandem.nullcontext(), amp]:
+        tiny.strong.zero_grad(set_to_none=True)
+        policy_gradient(tiny.strong, ids, attn, got, advantages, 1.0, 2, amp=context)
+        grads.append(torch.cat([p.grad.flatten() for p in tiny.strong.parameters()]))
+    tiny.strong.zero_grad(set_to_none=True)
+    assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.999
+    assert abs(grads[1].norm() / grads[0].norm() - 1) < 0.01
 
 
 def test_word_handoffs_change_owners_only_at_word_starts(tiny):
