@@ -656,11 +656,12 @@ def init_distributed(device):
 
 
 def leave_process_group():
-    """Runs at exit, however the run ends, while Python is still whole. The DistributedDataParallel
-    wrapper sits in a reference cycle; left to the interpreter's shutdown to free, its gloo work
-    sometimes aborts the process ("terminate called without an active exception")."""
-    gc.collect()
-    dist.destroy_process_group()
+    """Called by run_cli as the run ends, and at exit if a crash got past it, while Python is still
+    whole: the DistributedDataParallel wrapper sits in a reference cycle, and gloo work that is
+    left for the interpreter's shutdown to free can abort the process."""
+    if distributed():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def distributed():
@@ -898,7 +899,7 @@ def main(argv=None):
             if stop:
                 print(f"interrupted: stopped after step {step}, checkpoint saved; add --resume to the same command "
                       "to go on")
-                sys.exit(130)
+                return 130
 
     if distributed():
         if not same_on_all_ranks(sum(p.double().sum().item() for p in strong.parameters())):
@@ -922,15 +923,26 @@ def prepare_run_folder(out, args):
 
 
 def run_cli(main):
-    """Bad input ends in one line on stderr and exit code 2, not a traceback."""
+    """Runs main() and exits with its return value as the exit code. Bad input ends in one line on
+    stderr and exit code 2, not a traceback."""
     try:
-        main()
+        code = main() or 0
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, every rank's line stays whole
+        code = 2
     except KeyboardInterrupt:  # outside the RL loop (which saves a checkpoint first): nothing to save
         print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    if distributed():
+        # Under torchrun, skip the interpreter's shutdown: a gloo thread that frees a tensor during it
+        # needs the GIL, and the process aborts after all its work is done ("terminate called without
+        # an active exception"; pytorch PR 179291 describes this).
+        leave_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
