@@ -279,8 +279,9 @@ def check_same_tokenizer(strong_tok, weak_tok):
 def check_fits(strong, weak, tokenizer, problems, max_new_tokens, weak_prefix=None):
     """One clear line now, instead of an index error mid-run, if the longest prompt plus
     --max-new-tokens would run past a model's positions."""
-    (ids, mask), weak_prompt = encode_prompts(tokenizer, problems, "cpu", weak_prefix)
-    for name, model, (prompt, _) in [("strong", strong, (ids, mask)), ("weak", weak, weak_prompt or (ids, mask))]:
+    (ids, _), weak_prompt = encode_prompts(tokenizer, problems, "cpu", weak_prefix)
+    weak_ids = weak_prompt[0] if weak_prompt else ids
+    for name, model, prompt in [("strong", strong, ids), ("weak", weak, weak_ids)]:
         context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
         longest = prompt.shape[1]  # prompts are padded to the longest
         if context and longest + max_new_tokens > context:
@@ -571,11 +572,13 @@ def policy_gradient(model, prompt_ids, prompt_mask, rollout, advantages, tempera
     total_weight = max(all_sum([weight.sum().item()])[0], 1e-6)  # over every rank's rollouts
     # Rows with zero advantage or nothing to learn from contribute nothing: skip their forward pass.
     rows = ((advantages != 0) & (weight > 0).any(1)).nonzero().squeeze(1)
-    if ddp is not None and not len(rows):
-        rows = rows.new_zeros(1)  # a row whose loss is 0: this rank still has to join the gradient sync
-    logprobs = ddp if ddp is not None else Logprobs(model)
-    # DDP averages the ranks' gradients; each rank's loss is already its share of the batch's, so scale up to a sum.
-    scale = dist.get_world_size() if ddp is not None else 1
+    if ddp is None:
+        logprobs, scale = Logprobs(model), 1
+    else:
+        # DDP averages the ranks' gradients; each rank's loss is already its share of the batch's, so scale up to a sum.
+        logprobs, scale = ddp, dist.get_world_size()
+        if not len(rows):
+            rows = rows.new_zeros(1)  # a row whose loss is 0: this rank still has to join the gradient sync
     chunks = [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
     total = 0.0
     for i, chunk in enumerate(chunks):
