@@ -1,108 +1,124 @@
 """
-Did tandem training work? Accuracy, jargon rate, legibility and handoff robustness on GSM8K.
-
-For a strong/weak pair it measures, with the same `reward` and `tandem_generate` as training:
-- strong alone (handoff 0), weak alone (handoff 1) and the pair at --handoff-prob (robustness);
-- the jargon rate, the share of solutions containing calculator annotations <<...>>;
-- legibility: the weak model's mean per-token negative log-likelihood of the strong model's solo
-  solutions (lower is more legible), as the follow-up paper (Tandem RL with verifiable rewards) does;
-- with --curve, accuracy at several handoff probabilities.
+Did tandem training work? Accuracy, jargon rate, legibility and handoff robustness on GSM8K, with
+tandem.evaluate: the strong model alone (handoff 0), the weak one alone (handoff 1), the pair at
+--handoff-prob, the weak model's NLL of the strong model's solutions, and with --curve the accuracy
+at several handoff probabilities. --bench times the decoder and an RL step instead.
 
     python eval.py --strong runs/RUN/final --weak runs/RUN/sft/weak --limit 200 --curve 0,0.25,0.5,0.75,1
+    python eval.py --bench --random-init --device cpu --batch-size 8 --max-new-tokens 64
 """
 
-import argparse
-import re
+import os
 import sys
 import time
 
 import torch
 
 import tandem
-
-NUMBER = re.compile(r"(-?)\$?([\d,]*\.?\d+)")
-
-
-def flexible_answer(text):
-    """The last number in the text (lm-evaluation-harness's "flexible extract"), normalised."""
-    numbers = NUMBER.findall(text)
-    return tandem.normalize_number(*numbers[-1]) if numbers else None
+from tandem import number
 
 
-def flexible_reward(completion, gold):
-    return float(flexible_answer(completion) == tandem.gold_answer(gold))
+def parse_args(argv=None):
+    p = tandem.Parser(description="Evaluate a strong/weak pair on GSM8K: accuracy, jargon, legibility.")
+    p.add_argument("--strong", help="strong model: hub name or local folder (e.g. runs/RUN/final); --bench: gpt2-medium")
+    p.add_argument("--weak", help="weak model: hub name or local folder (e.g. runs/RUN/sft/weak); --bench: gpt2")
+    p.add_argument("--data", default="openai/gsm8k", help="hub dataset, folder with train.jsonl and test.jsonl, or one .jsonl")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="which split to evaluate on")
+    p.add_argument("--limit", type=number(int, 1), default=None, help="evaluate only the first N problems")
+    p.add_argument("--handoff-prob", type=number(float, 0, 1), default=0.5, help="handoff probability of the tandem accuracy")
+    p.add_argument("--handoff-unit", default="token", choices=["token", "word"], help="token: a coin per token; word: owners change only at word starts")
+    p.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads")
+    p.add_argument("--curve", type=curve, default=[], help="comma-separated handoff probabilities for a robustness curve, e.g. 0,0.5,1")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="longest solution generated")
+    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0: greedy (each token its owner's argmax)")
+    p.add_argument("--batch-size", type=number(int, 1), default=32, help="problems decoded together")
+    p.add_argument("--seed", type=int, default=0, help="seed of the handoffs (and of sampling if temperature > 0)")
+    p.add_argument("--examples", type=number(int, 0), default=0, help="print K solutions, strong alone and tandem, weak tokens in {braces}")
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype (auto: bfloat16 on cuda)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let models run code from their folder or hub repo")
+    p.add_argument("--bench", action="store_true", help="time decoding and RL steps instead of evaluating (see README)")
+    p.add_argument("--random-init", action="store_true", help="--bench: build gpt2 and gpt2-medium from their shapes, offline")
+    p.add_argument("--prompt-tokens", type=number(int, 1), default=100, help="--bench: prompt length")
+    p.add_argument("--repeats", type=number(int, 1), default=3, help="--bench: timed rounds of each decoding run (median)")
+    args = p.parse_args(argv)
+    if args.bench:
+        args.strong, args.weak = args.strong or "gpt2-medium", args.weak or "gpt2"
+    elif not (args.strong and args.weak):
+        p.error("--strong and --weak are required (only --bench has defaults: gpt2-medium and gpt2)")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: its folder does not exist")
+    return args
 
 
-@torch.no_grad()
-def solve(strong, weak, tokenizer, problems, handoff_prob, max_new_tokens, temperature, batch_size, progress=None,
-          word_starts=None, weak_prefix=None):
-    """Co-write a solution to every problem; returns (texts, [(rollout, weak model's prompt as (ids, mask))]
-    per batch)."""
-    device = next(strong.parameters()).device
-    texts, batches = [], []
-    for i in range(0, len(problems), batch_size):
-        (ids, mask), weak_prompt = tandem.encode_prompts(tokenizer, problems[i:i + batch_size], device, weak_prefix)
-        rollout = tandem.tandem_generate(strong, weak, ids, mask, handoff_prob, max_new_tokens, temperature,
-                                         tokenizer.eos_token_id, len(tokenizer), word_starts, weak_prompt)
-        texts += tandem.completion_texts(tokenizer, rollout)
-        batches.append((rollout, weak_prompt or (ids, mask)))
-        if progress:
-            progress(f"handoff {handoff_prob:g}: {len(texts)}/{len(problems)}")
-    return texts, batches
+def curve(text):
+    return [number(float, 0, 1)(x) for x in text.split(",")]
 
 
-@torch.no_grad()
-def weak_nll(weak, batches, vocab_size):
-    """Mean negative log-likelihood per token (nats) of the given rollouts' tokens under `weak`,
-    reading them after its own prompts."""
-    total, count = 0.0, 0
-    for rollout, (ids, mask) in batches:
-        logp = tandem.completion_logprobs(weak, ids, mask, rollout.tokens, rollout.mask, 0.0, vocab_size)
-        total -= logp[rollout.mask].sum().item()
-        count += rollout.mask.sum().item()
-    return total / max(count, 1)
+def report(result, args):
+    sampling = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}"
+    lines = [f"GSM8K {args.split}: {result['n']} problems, {sampling}, seed {args.seed}",
+             f"{'':24}{'accuracy':>9}{'jargon':>9}",
+             f"{'strong alone':24}{result['strong_accuracy']:9.3f}{result['jargon_rate']:9.3f}",
+             f"{'weak alone':24}{result['weak_accuracy']:9.3f}",
+             f"{f'tandem (handoff {args.handoff_prob:g})':24}{result['tandem_accuracy']:9.3f}{result['tandem_jargon_rate']:9.3f}",
+             f"strong alone, flexible extract: accuracy {result['flexible_accuracy']:.3f}",
+             f"legibility: weak NLL of strong solutions {result['weak_nll']:.3f} nats/token "
+             f"(mean length {result['mean_tokens']:.1f} tokens)"]
+    if "curve" in result:
+        lines.append("handoff curve: " + "  ".join(f"{c['handoff_prob']:g}: {c['accuracy']:.3f}" for c in result["curve"]))
+    return "\n".join(lines)
 
 
-def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_new_tokens=256, temperature=0.0,
-             batch_size=32, seed=0, amp=None, progress=None, runs=None, word_starts=None, weak_prefix=None):
-    """The metrics of eval.py as a dict. Runs in its own RNG stream, so evaluating in the middle of
-    training neither depends on nor disturbs the training run's random state. A dict passed as
-    `runs` receives the decoded solutions: {handoff_prob: solve's result}. `word_starts` and
-    `weak_prefix` are as in tandem.rl_step."""
-    amp = amp or tandem.nullcontext()
-    runs = {} if runs is None else runs
+def marked(tokenizer, tokens, from_weak, mask):
+    """The solution's text with every run of weak-sampled tokens in {braces}."""
+    text, run, weak_run = "", [], False
+    for tok, weak in zip(tokens[mask].tolist(), from_weak[mask].tolist()):
+        if weak != weak_run and run:
+            piece = tokenizer.decode(run, skip_special_tokens=True)
+            text += "{" + piece + "}" if weak_run else piece
+            run = []
+        run.append(tok)
+        weak_run = weak
+    piece = tokenizer.decode(run, skip_special_tokens=True)
+    return text + ("{" + piece + "}" if weak_run and piece else piece)
 
-    def at(p):  # each handoff probability is decoded once, whichever metrics use it
-        if p not in runs:
-            torch.manual_seed(seed)
-            with amp:
-                runs[p] = solve(strong, weak, tokenizer, problems, p, max_new_tokens, temperature, batch_size, progress,
-                                word_starts, weak_prefix)
-        return runs[p]
 
-    def accuracy(texts):
-        return sum(tandem.reward(t, p["answer"]) for t, p in zip(texts, problems)) / len(problems)
+def main(argv=None):
+    args = parse_args(argv)
+    if args.bench:
+        return bench(args)
+    device = tandem.pick_device(args.device)
+    problems = tandem.load_gsm8k(args.split, args.data)[:args.limit]
+    weak_prefix = tandem.read_text(args.weak_prompt) if args.weak_prompt else None
+    tokenizer, strong, weak = tandem.load_pair(args.strong, args.weak, device, args.trust_remote_code)
+    tandem.check_fits(strong, weak, tokenizer, problems, args.max_new_tokens, weak_prefix)
 
-    device = next(strong.parameters()).device
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        (solo, solo_batches), (pair, _) = at(0.0), at(handoff_prob)
-        with amp:
-            nll = weak_nll(weak, solo_batches, len(tokenizer))
-        result = {
-            "n": len(problems),
-            "strong_accuracy": accuracy(solo),
-            "weak_accuracy": accuracy(at(1.0)[0]),
-            "tandem_accuracy": accuracy(pair),
-            "jargon_rate": sum(map(tandem.has_jargon, solo)) / len(solo),
-            "tandem_jargon_rate": sum(map(tandem.has_jargon, pair)) / len(pair),
-            "weak_nll": nll,
-            "mean_tokens": sum(r.mask.sum().item() for r, _ in solo_batches) / len(problems),
-            "flexible_accuracy": sum(flexible_reward(t, p["answer"]) for t, p in zip(solo, problems)) / len(problems),
-        }
-        if curve:
-            result["curve"] = [{"handoff_prob": p, "accuracy": accuracy(at(p)[0])} for p in curve]
-    return result
+    # Progress on stderr when there is more than one batch: one line rewritten in a terminal, a line per
+    # batch in a log file.
+    tty, long_run = sys.stderr.isatty(), len(problems) > args.batch_size
+
+    def show(msg):
+        print(f"\r{msg}   " if tty else msg, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    t0, runs = time.time(), {}
+    word_starts = tandem.word_start_mask(tokenizer, device) if args.handoff_unit == "word" else None
+    result = tandem.evaluate(strong, weak, tokenizer, problems, args.handoff_prob, args.curve, args.max_new_tokens,
+                             args.temperature, args.batch_size, args.seed, tandem.autocast(device, args.dtype),
+                             show if long_run else None, runs, word_starts, weak_prefix)
+    if long_run and tty:
+        print(file=sys.stderr)
+    print(report(result, args))
+    print(f"({time.time() - t0:.1f}s)")
+    for i in range(min(args.examples, len(problems))):
+        print(f"\n--- problem {i}: {problems[i]['question']}\n--- gold: {tandem.extract_answer(problems[i]['answer'])}")
+        for name, p in [("strong alone", 0.0), ("tandem, weak tokens in {}", args.handoff_prob)]:
+            b, r = divmod(i, args.batch_size)
+            rollout = runs[p][1][b][1]
+            print(f"[{name}]\n{marked(tokenizer, rollout.tokens[r], rollout.from_weak[r], rollout.mask[r]).strip()}")
+    if args.json:
+        tandem.save_json(args.json, result)
 
 
 # -----------------------------------------------------------------------------
@@ -110,8 +126,8 @@ def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_
 #
 #     python eval.py --bench --random-init --device cpu --batch-size 8 --max-new-tokens 64
 #
-# Times are medians over interleaved repeats, and every figure that matters is a ratio between
-# runs in the same process, because these machines are noisy.
+# Times are medians over interleaved rounds, and every figure that matters is a ratio between runs
+# in the same process, because these machines are noisy.
 
 # gpt2 and gpt2-medium, so --random-init runs offline at the paper's sizes (other GPT2Config fields: gpt2's).
 BENCH_TEMPERATURE = 0.7  # the paper's sampling temperature
@@ -130,12 +146,13 @@ def bench_model(name, device, args):
 
 
 def random_prompts(batch_size, length, vocab_size, device, seed=0):
-    """Left-padded prompts of random tokens, 90% to 110% of `length` long."""
+    """Left-padded prompts of random tokens, 90% to 110% of `length` long, as encode_prompts gives them."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(int(0.9 * length), int(1.1 * length) + 1, (batch_size,), generator=g)
     ids = torch.randint(vocab_size, (batch_size, int(lengths.max())), generator=g)
     mask = torch.arange(ids.shape[1]) >= ids.shape[1] - lengths[:, None]
-    return ids.masked_fill(~mask, 0).to(device), mask.long().to(device)
+    prompt = ids.masked_fill(~mask, 0).to(device), mask.long().to(device)
+    return {"strong": prompt, "weak": prompt}
 
 
 def sync(device):
@@ -143,11 +160,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_decoding(strong, weak, ids, attn, new_tokens, temperature, repeats, amp):
+def bench_decoding(strong, weak, prompts, new_tokens, temperature, repeats, amp):
     """Median seconds of each way to sample `new_tokens` tokens for every prompt, no early stop."""
     from transformers import GenerationConfig
 
-    device, vocab = ids.device, strong.config.vocab_size
+    (ids, attn), device, vocab = prompts["strong"], prompts["strong"][0].device, strong.config.vocab_size
     # The same sampling as tandem_generate: temperature only, and no end token to stop early.
     config = GenerationConfig(do_sample=True, temperature=temperature, top_k=None, top_p=None, max_new_tokens=new_tokens,
                               min_new_tokens=0, eos_token_id=None, pad_token_id=0)
@@ -157,7 +174,7 @@ def bench_decoding(strong, weak, ids, attn, new_tokens, temperature, repeats, am
     }
     for p in (0.0, 0.5, 1.0):  # eos -1: no token is -1, so no row ends early
         runs[f"tandem_generate, handoff {p:g}"] = (
-            lambda p=p: tandem.tandem_generate(strong, weak, ids, attn, p, new_tokens, temperature, -1, vocab))
+            lambda p=p: tandem.tandem_generate(strong, weak, prompts, p, new_tokens, temperature, -1, vocab))
     times = {name: [] for name in runs}
     for r in range(repeats + 1):  # the first round warms up and is not counted
         for name, run in runs.items():
@@ -195,8 +212,6 @@ def peak_memory(device):
 def bench_setup(args):
     """The device, the autocast context and the two models, as training would use them."""
     device = tandem.pick_device(args.device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32, as in training
     strong, weak = bench_model(args.strong, device, args), bench_model(args.weak, device, args)
     return device, tandem.autocast(device, args.dtype), strong, weak
 
@@ -212,7 +227,7 @@ def rl_step_cost(args, micro_batch_size, batch_size):
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ids, attn = random_prompts(batch_size, args.prompt_tokens, strong.config.vocab_size, device)
+    prompts = random_prompts(batch_size, args.prompt_tokens, strong.config.vocab_size, device)
     advantages = torch.tensor([1.0, -1.0], device=device).repeat(batch_size // 2 + 1)[:batch_size]
     torch.manual_seed(0)
     sync(device)
@@ -220,8 +235,8 @@ def rl_step_cost(args, micro_batch_size, batch_size):
     peak_memory_reset(device)
     t0 = time.perf_counter()
     with amp:
-        rollout = tandem.tandem_generate(strong, weak, ids, attn, args.handoff_prob, args.max_new_tokens, 1.0, -1)
-    tandem.policy_gradient(strong, ids, attn, rollout, advantages, 1.0, micro_batch_size, amp=amp)
+        rollout = tandem.tandem_generate(strong, weak, prompts, args.handoff_prob, args.max_new_tokens, 1.0, -1)
+    tandem.policy_gradient(strong, prompts["strong"], rollout, advantages, 1.0, micro_batch_size, amp=amp)
     torch.nn.utils.clip_grad_norm_(strong.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -234,11 +249,12 @@ def bench(args):
 
     device, amp, strong, weak = bench_setup(args)
     B, n = args.batch_size, args.max_new_tokens
-    ids, attn = random_prompts(B, args.prompt_tokens, strong.config.vocab_size, device)
-    print(f"benchmark on {device} ({torch.get_num_threads()} threads), strong {args.strong}, weak {args.weak}"
-          f"{' (random init)' if args.random_init else ''}: batch {B}, prompts of {ids.shape[1]} tokens or fewer, "
-          f"{n} new tokens, temperature {BENCH_TEMPERATURE:g}, median of {args.repeats}", flush=True)
-    t = bench_decoding(strong, weak, ids, attn, n, BENCH_TEMPERATURE, args.repeats, amp)
+    prompts = random_prompts(B, args.prompt_tokens, strong.config.vocab_size, device)
+    print(f"benchmark on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"strong {args.strong}, weak {args.weak}{' (random init)' if args.random_init else ''}: batch {B}, prompts of "
+          f"{prompts['strong'][0].shape[1]} tokens or fewer, {n} new tokens, temperature {BENCH_TEMPERATURE:g}, "
+          f"{'float32' if isinstance(amp, tandem.nullcontext) else 'bfloat16 autocast'}, median of {args.repeats}", flush=True)
+    t = bench_decoding(strong, weak, prompts, n, BENCH_TEMPERATURE, args.repeats, amp)
     strong_s, weak_s = t["HF generate, strong"], t["HF generate, weak"]
     against = {"tandem_generate, handoff 0": (strong_s, "strong's generate"),
                "tandem_generate, handoff 0.5": (strong_s + weak_s, "sum of both generates"),
@@ -256,121 +272,6 @@ def bench(args):
         for batch, micro in sorted(set(steps), key=steps.index):
             seconds, peak = pool.apply(rl_step_cost, (args, micro, batch))
             print(f"{f'batch {batch}, micro-batch {micro}':32}{seconds:9.2f}{peak / 2**20:11.0f} MiB", flush=True)
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a strong/weak pair on GSM8K: accuracy, jargon, legibility.")
-    p.add_argument("--strong", help="strong model: hub name or local folder (e.g. runs/RUN/final); --bench: gpt2-medium")
-    p.add_argument("--weak", help="weak model: hub name or local folder (e.g. runs/RUN/sft/weak); --bench: gpt2")
-    p.add_argument("--data", default="openai/gsm8k", help="hub dataset, local folder with train/test.jsonl, or one .jsonl file")
-    p.add_argument("--split", default="test", choices=["train", "test"], help="which split to evaluate on")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
-    p.add_argument("--handoff-prob", type=float, default=0.5, help="handoff probability of the tandem accuracy")
-    p.add_argument("--handoff-unit", default="token", choices=["token", "word"],
-                   help="token: a coin for every token; word: owners change only where a new word starts")
-    p.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads")
-    p.add_argument("--curve", default=None, help="comma-separated handoff probabilities for a robustness curve, e.g. 0,0.5,1")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest solution generated")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (each token its owner's argmax)")
-    p.add_argument("--batch-size", type=int, default=32, help="problems decoded together")
-    p.add_argument("--seed", type=int, default=0, help="seed of the handoffs (and of sampling if temperature > 0)")
-    p.add_argument("--examples", type=int, default=0, help="print K solutions, strong alone and tandem, weak tokens in {braces}")
-    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype (auto: bfloat16 on CUDA)")
-    p.add_argument("--trust-remote-code", action="store_true", help="let models run code from their folder or hub repo")
-    p.add_argument("--bench", action="store_true", help="time decoding and RL steps instead of evaluating (see README)")
-    p.add_argument("--random-init", action="store_true", help="--bench: build gpt2/gpt2-medium from their shapes, offline")
-    p.add_argument("--prompt-tokens", type=int, default=100, help="--bench: prompt length")
-    p.add_argument("--repeats", type=int, default=3, help="--bench: timed repeats of each decoding run (median)")
-    args = p.parse_args(argv)
-    if args.bench:
-        args.strong, args.weak = args.strong or "gpt2-medium", args.weak or "gpt2"
-    elif not (args.strong and args.weak):
-        raise tandem.UsageError("--strong and --weak are required (only --bench has defaults: gpt2-medium and gpt2)")
-    try:
-        args.curve = [float(x) for x in args.curve.split(",")] if args.curve else []
-    except ValueError:
-        raise tandem.UsageError(f"--curve takes numbers separated by commas, e.g. 0,0.5,1; got {args.curve!r}") from None
-    for prob in [args.handoff_prob, *args.curve]:
-        if not 0 <= prob <= 1:
-            raise tandem.UsageError(f"handoff probabilities must be between 0 and 1, got {prob}")
-    for name in ["limit", "max_new_tokens", "batch_size", "prompt_tokens", "repeats"]:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise tandem.UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.temperature < 0:
-        raise tandem.UsageError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
-    return args
-
-
-def marked(tokenizer, tokens, from_weak, mask):
-    """The solution's text with every run of weak-sampled tokens in {braces}."""
-    text, run, weak_run = "", [], False
-    for tok, weak in zip(tokens[mask].tolist(), from_weak[mask].tolist()):
-        if weak != weak_run and run:
-            piece = tokenizer.decode(run, skip_special_tokens=True)
-            text += "{" + piece + "}" if weak_run else piece
-            run = []
-        run.append(tok)
-        weak_run = weak
-    piece = tokenizer.decode(run, skip_special_tokens=True)
-    return text + ("{" + piece + "}" if weak_run and piece else piece)
-
-
-def report(result, args):
-    sampling = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}"
-    lines = [f"GSM8K {args.split}: {result['n']} problems, {sampling}, seed {args.seed}",
-             f"{'':24}{'accuracy':>9}{'jargon':>9}",
-             f"{'strong alone':24}{result['strong_accuracy']:9.3f}{result['jargon_rate']:9.3f}",
-             f"{'weak alone':24}{result['weak_accuracy']:9.3f}",
-             f"{f'tandem (handoff {args.handoff_prob:g})':24}{result['tandem_accuracy']:9.3f}{result['tandem_jargon_rate']:9.3f}",
-             f"strong alone, flexible extract: accuracy {result['flexible_accuracy']:.3f}",
-             f"legibility: weak NLL of strong solutions {result['weak_nll']:.3f} nats/token "
-             f"(mean length {result['mean_tokens']:.1f} tokens)"]
-    if "curve" in result:
-        lines.append("handoff curve: " + "  ".join(f"{c['handoff_prob']:g}: {c['accuracy']:.3f}" for c in result["curve"]))
-    return "\n".join(lines)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.bench:
-        return bench(args)
-    device = tandem.pick_device(args.device)
-    amp = tandem.autocast(device, args.dtype)
-    problems = tandem.load_gsm8k(args.split, args.data)[:args.limit]
-    weak_prefix = tandem.read_text(args.weak_prompt, "--weak-prompt") if args.weak_prompt else None
-    tokenizer, strong, weak = tandem.load_pair(args.strong, args.weak, device, args.trust_remote_code)
-    tandem.check_fits(strong, weak, tokenizer, problems, args.max_new_tokens, weak_prefix)
-
-    # Progress on stderr for runs of more than one batch: one line rewritten in a terminal, a line
-    # per batch in a log file.
-    tty, long_run = sys.stderr.isatty(), len(problems) > args.batch_size
-
-    def show(msg):
-        print(f"\r{msg}   " if tty else msg, end="" if tty else "\n", file=sys.stderr, flush=True)
-
-    t0, runs = time.time(), {}
-    word_starts = tandem.word_start_mask(tokenizer, device) if args.handoff_unit == "word" else None
-    result = evaluate(strong, weak, tokenizer, problems, args.handoff_prob, args.curve, args.max_new_tokens,
-                      args.temperature, args.batch_size, args.seed, amp, show if long_run else None, runs, word_starts,
-                      weak_prefix)
-    if long_run and tty:
-        print(file=sys.stderr)
-    print(report(result, args))
-    print(f"({time.time() - t0:.1f}s)")
-    for i in range(min(args.examples, len(problems))):
-        print(f"\n--- problem {i}: {problems[i]['question']}\n--- gold: {tandem.extract_answer(problems[i]['answer'])}")
-        for name, p in [("strong alone", 0.0), ("tandem, weak tokens in {}", args.handoff_prob)]:
-            b, r = divmod(i, args.batch_size)
-            rollout = runs[p][1][b][0]
-            print(f"[{name}]\n{marked(tokenizer, rollout.tokens[r], rollout.from_weak[r], rollout.mask[r]).strip()}")
-    if args.json:
-        tandem.save_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -1,180 +1,67 @@
 """
-Tandem training (West, Anderson, Kamar, Horvitz, 2025: arXiv 2510.13551) on GSM8K.
+Tandem training (West, Anderson, Kamar, Horvitz, "Tandem Training for Language Models", arXiv 2510.13551)
+on GSM8K: RL of a strong model while a frozen weak model randomly takes over its sampling.
 
-A strong model is trained with RL while a frozen weak model randomly takes over the sampling:
-- every next token of a rollout comes from the weak model with probability `handoff_prob` (0.5),
-  otherwise from the strong one; both models read the whole growing text (each has a KV cache);
-- the reward is 1 when the co-written solution ends in the right `#### answer`, else 0;
-- REINFORCE with a baseline (leave-one-out mean over the other samples of the same prompt) raises
-  the strong model's log-probability of the tokens it sampled itself in rewarded rollouts;
-- so the strong model learns to write text the weak one can continue. On GSM8K that means
-  dropping the calculator "jargon" `<<48/2=24>>` it learned in its warm-start and the weak one never saw.
-`--handoff-prob 0` is ordinary RL, the control experiment.
+- handoff: each next token of a rollout is sampled by the weak model with probability `handoff_prob`
+  (0.5), else by the strong one; both read the whole co-written text (`tandem_generate`);
+- reward: 1 when the solution's `#### N` is the right answer, else 0 (`reward`);
+- baseline: a rollout's reward is compared with the mean of its prompt's other rollouts (`baseline`);
+- loss: REINFORCE, -advantage * log p of the tokens the strong model sampled itself (`policy_gradient`).
+A rollout only succeeds if the weak model can continue the strong model's text, so the strong model
+learns to write text the weak one can follow: on GSM8K it drops the calculator "jargon" <<48/2=24>>
+that its warm-start taught it and the weak model never saw. `--handoff-prob 0` is plain RL, the control.
 
-Run:
-    pip install -r requirements.txt
-    python tandem.py --weak gpt2 --strong gpt2-medium
-Offline, with local model folders and a local copy of GSM8K:
-    python tandem.py --weak path/to/gpt2 --strong path/to/gpt2-medium --data path/to/gsm8k
-On several GPUs (each rolls out its share of every batch):
+    python tandem.py --weak gpt2 --strong gpt2-medium           # warm-start both, then 100 RL updates
+    python tandem.py --weak DIR --strong DIR --data gsm8k/      # local models, local train/test.jsonl
     torchrun --nproc_per_node=4 tandem.py --weak gpt2 --strong gpt2-medium
+    python eval.py --strong runs/RUN/final --weak runs/RUN/sft/weak
 """
 
 import argparse
-import atexit
-import gc
 import json
 import math
 import os
 import random
 import re
 import shutil
-import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
-
-class UsageError(Exception):
-    """Bad input from the user: main() prints the message on one line and exits with code 2."""
-
-
 # -----------------------------------------------------------------------------
-# Command line
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Tandem training of a strong LM with a frozen weak partner on GSM8K.")
-    p.add_argument("--weak", default="gpt2", help="frozen weak model: hub name or local folder")
-    p.add_argument("--strong", default="gpt2-medium", help="strong model to train: hub name or local folder")
-    p.add_argument("--data", default="openai/gsm8k", help="hub dataset, local folder with train/test.jsonl, or one .jsonl file")
-    p.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
-    p.add_argument("--steps", type=int, default=100, help="RL updates (the paper sees jargon vanish in about 20)")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per RL update")
-    p.add_argument("--samples-per-prompt", type=int, default=2, help="rollouts per prompt (paper: 2)")
-    p.add_argument("--micro-batch-size", type=int, default=16, help="rollouts per forward/backward in the gradient pass (memory knob)")
-    p.add_argument("--handoff-prob", type=float, default=0.5, help="chance that the weak model samples each token (paper: 0.5; 0 = plain RL)")
-    p.add_argument("--handoff-unit", default="token", choices=["token", "word"],
-                   help="token: a coin for every token (paper); word: owners change only where a new word starts")
-    p.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads (e.g. few-shot in French)")
-    p.add_argument("--weak-token-weight", type=float, default=0.0,
-                   help="weight of the weak model's tokens in the loss (0: they are context, not actions)")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of the RL updates")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm of each update to this")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest solution sampled (paper: 256)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the rollouts (paper: 0.7; 0 = greedy)")
-    p.add_argument("--baseline", default="loo", choices=["loo", "mean", "none"],
-                   help="loo: mean reward of the prompt's other samples; mean: of all its samples; none: 0")
-    p.add_argument("--sft-steps", type=int, default=1000, help="warm-start fine-tuning steps for each model (0 = use the models as given)")
-    p.add_argument("--sft-batch-size", type=int, default=16, help="solutions per warm-start step")
-    p.add_argument("--sft-lr", type=float, default=5e-5, help="AdamW learning rate of the warm-start")
-    p.add_argument("--sft-jargon-frac", type=float, default=1.0, help="share of the strong model's warm-start solutions that keep <<...>>")
-    p.add_argument("--eval-every", type=int, default=20, help="evaluate on test problems every N steps, before the first and after the last (0 = never)")
-    p.add_argument("--eval-limit", type=int, default=200, help="test problems per evaluation")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (data order, sampling, handoffs)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (auto: cuda if there is one)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype; weights stay float32 (auto: bfloat16 autocast on CUDA, float32 on CPU)")
-    p.add_argument("--save-every", type=int, default=20, help="write a checkpoint every N steps (0 = only on Ctrl-C)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start the run in --out again (its warm-start in sft/ is kept)")
-    p.add_argument("--trust-remote-code", action="store_true", help="let models run code from their folder or hub repo")
-    args = p.parse_args(argv)
-    check_args(args)
-    return args
-
-
-def check_args(args):
-    positive = ["steps", "batch_size", "samples_per_prompt", "micro_batch_size", "max_new_tokens", "sft_batch_size"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ["sft_steps", "eval_every", "save_every"]:
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
-    if args.eval_limit < 1:
-        raise UsageError(f"--eval-limit must be at least 1, got {args.eval_limit}")
-    for name in ["handoff_prob", "sft_jargon_frac"]:
-        if not 0 <= getattr(args, name) <= 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(args, name)}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
-    if args.weak_token_weight < 0:
-        raise UsageError(f"--weak-token-weight must be 0 or more, got {args.weak_token_weight}")
-    if args.baseline == "loo" and args.samples_per_prompt < 2:
-        raise UsageError("the leave-one-out baseline needs --samples-per-prompt 2 or more (or choose --baseline mean/none)")
-    if args.lr <= 0 or args.sft_lr <= 0:
-        raise UsageError("--lr and --sft-lr must be positive")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume continues a run and --overwrite starts it again: choose one")
-    if args.resume and not args.out:
-        raise UsageError("--resume needs the --out folder of the run to continue")
-
-
-# -----------------------------------------------------------------------------
-# GSM8K data
+# Data and reward: GSM8K problems, the number after "####", the calculator jargon <<...>>
 
 
 def load_gsm8k(split, data="openai/gsm8k"):
-    """A list of {"question", "answer"} dicts from the hub, a folder of <split>.jsonl files, or one .jsonl."""
-    if os.path.isdir(data):
-        path = os.path.join(data, f"{split}.jsonl")
-        if not os.path.exists(path):
-            raise UsageError(f"--data folder {data} has no {split}.jsonl")
-        rows = read_jsonl(path)
-    elif data.endswith(".jsonl"):
-        if not os.path.exists(data):
-            raise UsageError(f"--data file {data} does not exist")
-        rows = read_jsonl(data)
-    elif os.path.exists(data):
-        raise UsageError(f"--data {data} is neither a folder nor a .jsonl file")
-    else:
+    """[{"question", "answer"}] from the hub, a folder of <split>.jsonl files, or one .jsonl file."""
+    path = os.path.join(data, f"{split}.jsonl") if os.path.isdir(data) else data
+    if not (os.path.exists(path) or path.endswith(".jsonl")):
         import datasets
 
         try:
-            rows = list(datasets.load_dataset(data, "main", split=split))
+            return [{"question": r["question"], "answer": r["answer"]} for r in datasets.load_dataset(data, "main", split=split)]
         except Exception as e:
-            raise UsageError(f"cannot load dataset {data!r} ({type(e).__name__}); offline, pass a local folder "
-                             "with train.jsonl/test.jsonl or a .jsonl file to --data") from None
+            raise UsageError(f"cannot load dataset {data!r} ({type(e).__name__}); offline, pass a folder with "
+                             "train.jsonl and test.jsonl, or a .jsonl file, to --data") from None
     problems = []
-    for i, row in enumerate(rows, 1):
-        if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
-            raise UsageError(f"{data}: record {i} needs string fields 'question' and 'answer'")
-        problems.append({"question": row["question"], "answer": row["answer"]})
-    if not problems:
-        raise UsageError(f"{data}: no problems in the {split} split")
-    return problems
-
-
-def read_jsonl(path):
-    # Read by hand rather than with datasets' json loader so a bad line can be named by its number.
-    rows = []
-    with open(path, encoding="utf-8") as f:
+    with user_input(f"--data {path}"), open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path} line {n} is not valid JSON ({e.msg})") from None
-                if not isinstance(rows[-1], dict):
-                    raise UsageError(f"{path} line {n} is not a JSON object")
-    return rows
-
-
-def read_text(path, flag):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"{flag} {path}: cannot read it ({e.strerror if isinstance(e, OSError) else 'not UTF-8 text'})") from None
+                with user_input(f"--data {path} line {n}"):
+                    row = json.loads(line)
+                if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("question", "answer"))):
+                    raise UsageError(f"--data {path} line {n}: needs string fields 'question' and 'answer'")
+                problems.append({"question": row["question"], "answer": row["answer"]})
+    if not problems:
+        raise UsageError(f"--data {path}: no problems in it")
+    return problems
 
 
 def format_prompt(question):
@@ -182,27 +69,24 @@ def format_prompt(question):
 
 
 def encode_prompts(tokenizer, problems, device, weak_prefix=None):
-    """Left-padded prompts as (ids, mask); and the weak model's own, with `weak_prefix` (the text of
-    --weak-prompt) in front, or None when it reads the same prompts."""
+    """{"strong": (ids, mask), "weak": (ids, mask)}: left-padded prompts, the weak model's with
+    `weak_prefix` (the text of --weak-prompt) in front."""
     def encode(prefix):
         enc = tokenizer([prefix + format_prompt(p["question"]) for p in problems], return_tensors="pt", padding=True)
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
-    return encode(""), encode(weak_prefix) if weak_prefix else None
+    strong = encode("")
+    return {"strong": strong, "weak": encode(weak_prefix) if weak_prefix else strong}
 
-
-# -----------------------------------------------------------------------------
-# Reward: the final answer after "####", and the calculator jargon <<...>>
 
 ANSWER = re.compile(r"\s*(-?)\s*\$?\s*(-?)([\d,]*\.?\d+)")
+NUMBER = re.compile(r"(-?)\$?([\d,]*\.?\d+)")
 JARGON = re.compile(r"<<[^<>]*>>")
 
 
 def normalize_number(sign, digits):
-    digits = digits.replace(",", "")
-    whole, _, frac = digits.partition(".")
-    frac = frac.rstrip("0")
-    number = str(int(whole or "0")) + (f".{frac}" if frac else "")
+    whole, _, frac = digits.replace(",", "").partition(".")
+    number = str(int(whole or "0")) + (f".{frac.rstrip('0')}" if frac.rstrip("0") else "")
     return "-" + number if sign and number != "0" else number
 
 
@@ -210,13 +94,11 @@ def extract_answer(text):
     """The number after the first '####', normalised ('$1,000.00' -> '1000'), or None."""
     _, found, after = text.partition("####")
     match = ANSWER.match(after) if found else None
-    if match is None:
-        return None
-    return normalize_number(match[1] or match[2], match[3])
+    return normalize_number(match[1] or match[2], match[3]) if match else None
 
 
 def gold_answer(gold):
-    """The normalised gold number, from a full GSM8K answer ('... #### 18') or a bare number ('18')."""
+    """The normalised gold number, from a whole GSM8K answer ('... #### 18') or a bare number ('18')."""
     return extract_answer(gold if "####" in gold else "####" + gold)
 
 
@@ -224,6 +106,12 @@ def reward(completion, gold):
     """1.0 when the completion's '#### N' equals the gold answer, else 0.0."""
     answer = extract_answer(completion)
     return float(answer is not None and answer == gold_answer(gold))
+
+
+def flexible_answer(text):
+    """The last number in the text (lm-evaluation-harness's "flexible extract"), normalised."""
+    numbers = NUMBER.findall(text)
+    return normalize_number(*numbers[-1]) if numbers else None
 
 
 def has_jargon(text):
@@ -235,111 +123,29 @@ def strip_jargon(text):
 
 
 # -----------------------------------------------------------------------------
-# Models
+# The tandem decoder: two models, two KV caches, one text
 
 
-def load_tokenizer(name, trust_remote_code=False):
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise cannot_load(name, e) from None
-    # GPT-2 has no pad token; padding is masked out anyway, and prompts are padded on the left so that
-    # every row's next token is at the end.
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def load_model(name, device, trust_remote_code=False):
-    try:
-        # float32 weights always: they are the master copy AdamW updates; speed comes from autocast.
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise cannot_load(name, e) from None
-    return model.to(device).eval()
-
-
-def cannot_load(name, error):
-    offline = " (offline, a hub name needs a network: pass a local folder)" if os.environ.get("HF_HUB_OFFLINE") else ""
-    return UsageError(f"cannot load model {name!r}: {str(error).splitlines()[0]}{offline}")
-
-
-def check_same_tokenizer(strong_tok, weak_tok):
-    """Tandem decoding passes token ids between the models, so they must mean the same text."""
-    s, w = strong_tok.get_vocab(), weak_tok.get_vocab()
-    if s != w:
-        only = sorted(set(s.items()) ^ set(w.items()))[:3]
-        raise UsageError(f"weak and strong tokenizers differ (vocabularies of {len(w)} and {len(s)} tokens; "
-                         f"e.g. {only}): choose two models of one family")
-    if strong_tok.eos_token != weak_tok.eos_token:
-        raise UsageError(f"weak and strong models end text differently ({weak_tok.eos_token!r} vs {strong_tok.eos_token!r})")
-
-
-def check_fits(strong, weak, tokenizer, problems, max_new_tokens, weak_prefix=None):
-    """One clear line now, instead of an index error mid-run, if the longest prompt plus
-    --max-new-tokens would run past a model's positions."""
-    (ids, _), weak_prompt = encode_prompts(tokenizer, problems, "cpu", weak_prefix)
-    weak_ids = weak_prompt[0] if weak_prompt else ids
-    for name, model, prompt in [("strong", strong, ids), ("weak", weak, weak_ids)]:
-        context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-        longest = prompt.shape[1]  # prompts are padded to the longest
-        if context and longest + max_new_tokens > context:
-            raise UsageError(f"the longest {name} prompt ({longest} tokens) and --max-new-tokens {max_new_tokens} exceed "
-                             f"the {name} model's {context} positions: lower --max-new-tokens or shorten --weak-prompt")
-
-
-def load_pair(strong_name, weak_name, device, trust_remote_code=False):
-    """(tokenizer, strong, weak). The tokenizers are loaded and compared before any weights."""
-    tokenizer = load_tokenizer(strong_name, trust_remote_code)
-    check_same_tokenizer(tokenizer, load_tokenizer(weak_name, trust_remote_code))
-    strong = load_model(strong_name, device, trust_remote_code)
-    return tokenizer, strong, load_model(weak_name, device, trust_remote_code)
-
-
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but torch sees no CUDA GPU (use --device cpu)")
-    return torch.device(name)
-
-
-def autocast(device, dtype):
-    """bfloat16 autocast on CUDA by default: the weights stay float32 so AdamW's small updates aren't lost."""
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+@dataclass
+class Rollout:
+    tokens: torch.Tensor  # B x T sampled token ids (eos after a row has ended)
+    from_weak: torch.Tensor  # B x T bool: the weak model sampled this token
+    mask: torch.Tensor  # B x T bool: a real token, up to and including the row's first eos
 
 
 def position_ids(attention_mask):
-    # GPT-2 has absolute positions: a left-padded row must start counting at its first real token.
+    # A left-padded row counts positions from its first real token (GPT-2's positions are absolute).
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-# A causal LM is a body that makes hidden states and an output layer (head) that turns them into
-# logits. Calling them apart lets the decoder and the gradient pass compute logits only where they
-# are needed. logits == head(body(x)) holds for GPT-2, Llama, Qwen and Mistral; not for models that
-# rescale logits after the head (Gemma 2's soft-capping), which would need that step added.
+# A causal LM is a body that makes hidden states and an output layer (head) that makes logits; calling
+# them apart gives logits only where they are needed. load_model checks that logits == head(body(x)).
 def body(model):
     return model.base_model
 
 
 def head(model):
     return model.get_output_embeddings()
-
-
-# -----------------------------------------------------------------------------
-# Tandem decoding: two models, two KV caches, one text
-
-
-@dataclass
-class Rollout:
-    tokens: torch.Tensor  # B x T new token ids (eos after a row has finished)
-    from_weak: torch.Tensor  # B x T bool: the weak model sampled this token
-    mask: torch.Tensor  # B x T bool: a real generated token, up to and including the first eos
 
 
 def sample(logits, temperature):
@@ -349,78 +155,58 @@ def sample(logits, temperature):
 
 
 @torch.no_grad()
-def tandem_generate(strong, weak, input_ids, attention_mask, handoff_prob, max_new_tokens,
-                    temperature, eos_token_id, vocab_size=None, word_starts=None, weak_prompt=None):
-    """Sample continuations of left-padded prompts; each token's owner is the weak model with
-    probability `handoff_prob`, else the strong one. `vocab_size` cuts logits of output layers
-    padded past the tokenizer. With `word_starts` (a bool per token id: its text begins a new
-    word), owners change only at word starts (see word_handoff). `weak_prompt` = (ids, mask)
-    gives the weak model prompts of its own (left-padded too); both models read every new token.
-    Uses the global torch RNG."""
-    B = input_ids.shape[0]
-    device = input_ids.device
-    # Coins are drawn up front on the host, so each model's rows are known without a device sync.
-    coin_weak = torch.rand(max_new_tokens, B) < handoff_prob
-    owns = {"strong": ~coin_weak, "weak": coin_weak}
-    tokens = torch.full((B, max_new_tokens), eos_token_id, dtype=torch.long, device=device)
-    from_weak = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
-    mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, temperature, eos_token_id,
+                    vocab_size=None, word_starts=None):
+    """Sample continuations of left-padded prompts (from encode_prompts); the weak model samples each
+    token with probability `handoff_prob`, else the strong one. `vocab_size` cuts the logits of output
+    layers padded past the tokenizer. `word_starts` (from word_start_mask) hands off only at word
+    starts (see word_handoff). Draws from the global torch RNG."""
+    models = {"strong": strong, "weak": weak}
+    B, T, device = prompts["strong"][0].shape[0], max_new_tokens, prompts["strong"][0].device
+    coins = (torch.rand(T, B) < handoff_prob).to(device)  # True: the weak model samples this token
+    # A model that samples no token of this rollout (at handoff 0 or 1) need not read any.
+    readers = [name for name in models if (coins if name == "weak" else ~coins).any()]
+    # Per reader: its prompt and the new tokens in one buffer, one attention mask and the positions for
+    # the whole rollout, and a static KV cache, allocated once (a DynamicCache copies itself every step).
+    seq = {n: torch.cat([ids, ids.new_full((B, T), eos_token_id)], 1) for n, (ids, _) in prompts.items()}
+    attn = {n: torch.cat([mask, mask.new_ones(B, T)], 1) for n, (_, mask) in prompts.items()}
+    start = {n: ids.shape[1] for n, (ids, _) in prompts.items()}  # where the new tokens begin in seq[n]
+    caches = {n: StaticCache(config=models[n].config, max_cache_len=seq[n].shape[1]) for n in readers}
+    read = {n: 0 for n in readers}  # how much of seq[n] is in the cache
+    positions = {n: position_ids(a) for n, a in attn.items()}
+    tokens = seq["strong"][:, start["strong"]:]
+    from_weak, mask = (torch.zeros(B, T, dtype=torch.bool, device=device) for _ in range(2))
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    # A model that owns no token of this rollout (always so at handoff 0 or 1) need not read any.
-    readers = {name: model for name, model in [("strong", strong), ("weak", weak)] if owns[name].any()}
-    prompts = {"strong": (input_ids, attention_mask), "weak": weak_prompt or (input_ids, attention_mask)}
-    # Per reader, one attention mask for the whole rollout (the caches' causal masks hide the slots
-    # not yet written), the position of its first new token, and a static cache: allocated once,
-    # where a DynamicCache would copy every layer's keys and values at each step.
-    attn = {name: torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1) for name, (_, mask) in prompts.items()}
-    next_position = {name: mask.long().sum(-1, keepdim=True) for name, (_, mask) in prompts.items()}
-    caches = {name: StaticCache(config=model.config, max_cache_len=attn[name].shape[1])
-              for name, model in readers.items()}
-    by_word = word_starts is not None and len(readers) == 2
-    coin_weak_on_device = coin_weak.to(device)  # one copy up front, none per step
-    # By token: each reader's rows at every step, found on the host and copied to the device in one go.
-    rows = {} if by_word else {name: owns[name].nonzero()[:, 1].to(device).split(owns[name].sum(1).tolist())
-                               for name in readers}
-    weak_owns = coin_weak_on_device[0]  # by word: who owns the word being written
-
-    def read(ids, positions):  # feed each reader its tokens; return its last hidden state
-        return {name: body(model)(ids[name], attention_mask=attn[name], position_ids=positions[name],
-                                  cache=caches[name], use_cache=True).last_hidden_state[:, -1]
-                for name, model in readers.items()}
-
-    hidden = read({name: ids for name, (ids, _) in prompts.items()},
-                  {name: position_ids(mask) for name, (_, mask) in prompts.items()})
-    for t in range(max_new_tokens):
-        if by_word:
-            logits = {name: head(model)(hidden[name])[:, :vocab_size] for name, model in readers.items()}
-            token, weak_owns = word_handoff(logits, weak_owns, coin_weak_on_device[t], word_starts, temperature)
+    weak_owns = coins[0]  # by word: who owns the word being written
+    for t in range(T):
+        logits = {}
+        for n in readers:  # each model reads what it has not read yet, and gives its next-token logits
+            end = start[n] + t
+            out = body(models[n])(seq[n][:, read[n]:end], attention_mask=attn[n], position_ids=positions[n][:, read[n]:end],
+                                  cache=caches[n], use_cache=True)
+            logits[n], read[n] = head(models[n])(out.last_hidden_state[:, -1])[:, :vocab_size], end
+        if word_starts is not None and len(readers) == 2:
+            token, weak_owns = word_handoff(logits, weak_owns, coins[t], word_starts, temperature)
         else:
-            token = torch.empty(B, dtype=torch.long, device=device)
-            for name, model in readers.items():
-                own = rows[name][t]
-                if len(own):
-                    # The output layer only for the rows this model owns: at handoff 0.5 that halves
-                    # each model's largest matmul (50k-token vocabulary) at every step.
-                    token[own] = sample(head(model)(hidden[name][own])[:, :vocab_size], temperature)
-            weak_owns = coin_weak_on_device[t]
+            weak_owns = coins[t]
+            token = sample(logits[readers[0]] if len(readers) == 1 else
+                           torch.where(weak_owns[:, None], logits["weak"], logits["strong"]), temperature)
         token.masked_fill_(done, eos_token_id)
-        tokens[:, t] = token
-        from_weak[:, t] = weak_owns & ~done
-        mask[:, t] = ~done
+        for n in seq:
+            seq[n][:, start[n] + t] = token
+        from_weak[:, t], mask[:, t] = weak_owns & ~done, ~done
         done |= token == eos_token_id
-        if t == max_new_tokens - 1 or done.all():  # the one host sync per token
+        if done.all():  # the one host sync per token
             break
-        hidden = read({name: token[:, None] for name in readers}, {name: next_position[name] + t for name in readers})
     n = t + 1
-    return Rollout(tokens[:, :n], from_weak[:, :n], mask[:, :n])
+    return Rollout(tokens[:, :n].clone(), from_weak[:, :n], mask[:, :n])
 
 
 def word_handoff(logits, weak_owns, coin_weak, word_starts, temperature):
     """One step of handoffs by word (--handoff-unit word). The owner of the current word samples
     the next token. If that token starts a new word, the coin picks the new word's owner; when it
     picks the other model, that model writes the word's first token instead, sampled from its own
-    word-starting tokens. So the current owner decides where a word ends, and owners change only
-    at word starts. Returns the tokens and the new owners (True: weak)."""
+    word-starting tokens. Returns the tokens and the new owners (True: weak)."""
     token = sample(torch.where(weak_owns[:, None], logits["weak"], logits["strong"]), temperature)
     owner = torch.where(word_starts[token], coin_weak, weak_owns)
     starts = torch.where(owner[:, None], logits["weak"], logits["strong"]).masked_fill(~word_starts, float("-inf"))
@@ -438,14 +224,171 @@ def completion_texts(tokenizer, rollout):
 
 
 # -----------------------------------------------------------------------------
-# SFT warm-start: base GPT-2 can't solve GSM8K, so both models first imitate the train solutions
+# REINFORCE with a baseline
+
+
+def baseline(rewards, kind="loo"):
+    """rewards: prompts x samples. The value each sample's reward is compared with."""
+    k = rewards.shape[1]
+    if kind == "loo":  # leave-one-out: a sample's own reward stays out of its baseline, so it is unbiased
+        return (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+    if kind == "mean":
+        return rewards.mean(1, keepdim=True).expand_as(rewards)
+    return torch.zeros_like(rewards)
+
+
+def completion_logprobs(model, prompt, tokens, mask, temperature, vocab_size=None, chunk=32):
+    """log p(token) of each generated token under `model` (B x T, differentiable); prompt = (ids, mask).
+
+    The logits are divided by the sampling temperature: these are the log-probs of the distribution
+    the rollouts were drawn from, so the gradient is on-policy. No logits are made for the prompt,
+    and for the completion only `chunk` positions at a time: the whole B x T x vocab float32 tensor
+    would be the largest of the step."""
+    seq, attn = torch.cat([prompt[0], tokens], 1), torch.cat([prompt[1], mask.to(prompt[1].dtype)], 1)
+    T = tokens.shape[1]
+    hidden = body(model)(seq[:, :-1], attention_mask=attn[:, :-1], position_ids=position_ids(attn)[:, :-1]).last_hidden_state[:, -T:]
+    # Checkpointing each chunk recomputes its logits in the backward pass instead of keeping them.
+    return torch.cat([checkpoint(chosen_logprobs, head(model), hidden[:, i:i + chunk], tokens[:, i:i + chunk],
+                                 temperature, vocab_size, use_reentrant=False) for i in range(0, T, chunk)], 1)
+
+
+def chosen_logprobs(head, hidden, tokens, temperature, vocab_size):
+    logits = head(hidden)[..., :vocab_size].float()  # a bf16 log-softmax over 50k tokens is off by tenths
+    if temperature > 0:
+        logits = logits / temperature
+    return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def policy_gradient(model, prompt, rollout, advantages, temperature, micro_batch_size, vocab_size=None,
+                    amp=nullcontext(), weak_token_weight=0.0):
+    """Add the REINFORCE gradient to model's .grad; return the loss.
+
+    loss = -sum(advantage * log p(token)) over the strong model's own tokens (eos included, prompt and
+    padding not), divided by the number of those tokens in the whole batch (over every process), so
+    micro-batches add up to one batch's gradient. The weak model's tokens are context, not actions,
+    unless `weak_token_weight` > 0 lets them in with that weight (the follow-up's code has this knob)."""
+    weight = (rollout.mask & ~rollout.from_weak) + weak_token_weight * (rollout.mask & rollout.from_weak)
+    total_weight = max(all_sum([weight.sum().item()])[0], 1e-6)
+    # Rows with zero advantage or nothing to learn from add nothing: skip their forward pass.
+    rows = ((advantages != 0) & (weight > 0).any(1)).nonzero().squeeze(1)
+    total = 0.0
+    for chunk in (rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)):
+        with amp:
+            logp = completion_logprobs(model, (prompt[0][chunk], prompt[1][chunk]), rollout.tokens[chunk],
+                                       rollout.mask[chunk], temperature, vocab_size)
+        loss = -(advantages[chunk, None] * logp * weight[chunk]).sum() / total_weight
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(), word_starts=None, weak_prefix=None):
+    """Tandem rollouts of `problems` (under torchrun, this process's share of the batch), one REINFORCE
+    update of `strong`; returns the whole batch's metrics."""
+    k = args.samples_per_prompt
+    repeated = [p for p in problems for _ in range(k)]  # a prompt's k samples side by side
+    prompts = encode_prompts(tokenizer, repeated, next(strong.parameters()).device, weak_prefix)
+    with amp:
+        rollout = tandem_generate(strong, weak, prompts, args.handoff_prob, args.max_new_tokens, args.temperature,
+                                  tokenizer.eos_token_id, len(tokenizer), word_starts)
+    texts = completion_texts(tokenizer, rollout)
+    rewards = torch.tensor([reward(t, p["answer"]) for t, p in zip(texts, repeated)]).view(-1, k)
+    advantages = (rewards - baseline(rewards, args.baseline)).view(-1).to(rollout.tokens.device)
+    loss = policy_gradient(strong, prompts["strong"], rollout, advantages, args.temperature, args.micro_batch_size,
+                           len(tokenizer), amp, args.weak_token_weight)
+    sum_gradients(strong)  # under torchrun, add up the processes' gradients
+    grad_norm = torch.nn.utils.clip_grad_norm_(strong.parameters(), args.grad_clip).item()
+    # A non-finite update would poison the weights and AdamW's moments for good: skip it.
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    n, rewarded, jargon, n_tokens, n_weak, loss = all_sum([len(texts), rewards.sum().item(), sum(map(has_jargon, texts)),
+                                                           rollout.mask.sum().item(), rollout.from_weak.sum().item(), loss])
+    return {"reward": rewarded / n, "jargon_rate": jargon / n, "weak_frac": n_weak / max(n_tokens, 1), "loss": loss,
+            "grad_norm": grad_norm, "mean_tokens": n_tokens / n, "rollouts": int(n), "skipped": skipped}
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: accuracy alone and in tandem, jargon, legibility (eval.py has the command line)
+
+
+@torch.no_grad()
+def solve(strong, weak, tokenizer, problems, handoff_prob, max_new_tokens, temperature, batch_size, progress=None,
+          word_starts=None, weak_prefix=None):
+    """Co-write a solution to every problem: (texts, [(prompts, rollout) per batch])."""
+    texts, batches = [], []
+    for i in range(0, len(problems), batch_size):
+        prompts = encode_prompts(tokenizer, problems[i:i + batch_size], next(strong.parameters()).device, weak_prefix)
+        rollout = tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, temperature,
+                                  tokenizer.eos_token_id, len(tokenizer), word_starts)
+        texts += completion_texts(tokenizer, rollout)
+        batches.append((prompts, rollout))
+        if progress:
+            progress(f"handoff {handoff_prob:g}: {len(texts)}/{len(problems)}")
+    return texts, batches
+
+
+@torch.no_grad()
+def weak_nll(weak, batches, vocab_size):
+    """Legibility, as the follow-up paper measures it: the weak model's mean negative log-likelihood
+    per token (nats) of the rollouts' tokens, read after its own prompts."""
+    total, count = 0.0, 0
+    for prompts, rollout in batches:
+        logp = completion_logprobs(weak, prompts["weak"], rollout.tokens, rollout.mask, 0.0, vocab_size)
+        total -= logp[rollout.mask].sum().item()
+        count += rollout.mask.sum().item()
+    return total / max(count, 1)
+
+
+def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_new_tokens=256, temperature=0.0,
+             batch_size=32, seed=0, amp=nullcontext(), progress=None, runs=None, word_starts=None, weak_prefix=None):
+    """Accuracy of the strong model alone (handoff 0), the weak one alone (handoff 1) and the pair at
+    `handoff_prob`; jargon; legibility (weak_nll of the strong model's solutions); with `curve`, the
+    accuracy at each of those handoff probabilities. `runs`, a dict, receives the solutions by handoff
+    probability. Runs in its own random stream: it neither depends on nor disturbs training's."""
+    runs = {} if runs is None else runs
+
+    def at(p):  # each handoff probability is decoded once, whichever metrics use it
+        if p not in runs:
+            torch.manual_seed(seed)
+            with amp:
+                runs[p] = solve(strong, weak, tokenizer, problems, p, max_new_tokens, temperature, batch_size, progress,
+                                word_starts, weak_prefix)
+        return runs[p]
+
+    def accuracy(texts, score=reward):
+        return sum(score(t, p["answer"]) for t, p in zip(texts, problems)) / len(problems)
+
+    device = next(strong.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        (solo, solo_batches), (pair, _) = at(0.0), at(handoff_prob)
+        with amp:
+            nll = weak_nll(weak, solo_batches, len(tokenizer))
+        result = {
+            "n": len(problems),
+            "strong_accuracy": accuracy(solo),
+            "weak_accuracy": accuracy(at(1.0)[0]),
+            "tandem_accuracy": accuracy(pair),
+            "jargon_rate": sum(map(has_jargon, solo)) / len(solo),
+            "tandem_jargon_rate": sum(map(has_jargon, pair)) / len(pair),
+            "weak_nll": nll,
+            "mean_tokens": sum(r.mask.sum().item() for _, r in solo_batches) / len(problems),
+            "flexible_accuracy": accuracy(solo, lambda t, gold: float(flexible_answer(t) == gold_answer(gold))),
+        }
+        if curve:
+            result["curve"] = [{"handoff_prob": p, "accuracy": accuracy(at(p)[0])} for p in curve]
+    return result
+
+
+# -----------------------------------------------------------------------------
+# The warm-start (SFT): base GPT-2 can't solve GSM8K, so both models first imitate the train solutions
 
 
 def sft_batch(tokenizer, prompts, completions, max_len):
     """Tokenised prompt + completion + eos, left-padded, with labels only on completion and eos."""
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    full = [(p + tokenizer(" " + c)["input_ids"] + [tokenizer.eos_token_id])[:max_len]
-            for p, c in zip(prompt_ids, completions)]
+    full = [(p + tokenizer(" " + c)["input_ids"] + [tokenizer.eos_token_id])[:max_len] for p, c in zip(prompt_ids, completions)]
     batch = tokenizer.pad({"input_ids": full}, return_tensors="pt")
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     n_prompt = torch.tensor([len(p) for p in prompt_ids])
@@ -454,17 +397,16 @@ def sft_batch(tokenizer, prompts, completions, max_len):
 
 
 def sft(model, tokenizer, problems, steps, batch_size, lr, jargon_frac, seed, amp=nullcontext(), name="sft"):
-    """Fine-tune `model` on GSM8K solutions; a `jargon_frac` share keep their <<...>> annotations."""
+    """Fine-tune `model` on GSM8K solutions; a `jargon_frac` share of them keep their <<...>> annotations."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     device = next(model.parameters()).device
-    max_len = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
     model.train()
     for step in range(1, steps + 1):
         batch = rng.sample(problems, min(batch_size, len(problems)))
         completions = [p["answer"] if rng.random() < jargon_frac else strip_jargon(p["answer"]) for p in batch]
         ids, attn, labels = (x.to(device) for x in sft_batch(tokenizer, [format_prompt(p["question"]) for p in batch],
-                                                               completions, max_len))
+                                                               completions, max_positions(model) or 1024))
         with amp:
             loss = model(ids, attention_mask=attn, position_ids=position_ids(attn), labels=labels).loss
         loss.backward()
@@ -476,308 +418,52 @@ def sft(model, tokenizer, problems, steps, batch_size, lr, jargon_frac, seed, am
     return model.eval()
 
 
-def save_json(path, obj):
-    """Write aside, then rename: a reader never sees half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def save_model(model, tokenizer, path):
-    """save_pretrained into a side folder, then swap it in: a kill never leaves a half-written model."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, path)
-
-
-def replace_dir(tmp, path):
-    """Move the finished folder `tmp` to `path`. At every moment a complete copy is at `path` or,
-    between the two renames, at `path`.old, where `existing` looks for it."""
-    old = path + ".old"
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def existing(path):
-    """`path`, or the copy a kill inside replace_dir left at `path`.old; None if neither is there."""
-    return next((p for p in (path, path + ".old") if os.path.exists(os.path.join(p, "config.json"))), None)
-
-
 # -----------------------------------------------------------------------------
-# REINFORCE with a baseline
+# Command line and main
 
 
-def baseline(rewards, kind="loo"):
-    """rewards: prompts x samples. The value each sample's reward is compared with."""
-    k = rewards.shape[1]
-    if kind == "loo":  # unbiased: a sample's own reward doesn't enter its baseline
-        return (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
-    if kind == "mean":
-        return rewards.mean(1, keepdim=True).expand_as(rewards)
-    return torch.zeros_like(rewards)
-
-
-def completion_logprobs(model, prompt_ids, prompt_mask, tokens, mask, temperature, vocab_size=None, chunk=32):
-    """log p(token) of each generated token under `model` (B x T, differentiable).
-
-    Logits are divided by the sampling temperature, so these are log-probs of the distribution the
-    rollouts were actually drawn from and the gradient is on-policy. Logits are never made for the
-    prompt, and for the completion only `chunk` positions at a time: the full B x T x vocab float32
-    tensor would be the largest of the whole step."""
-    seq = torch.cat([prompt_ids, tokens], dim=1)
-    attn = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
-    T = tokens.shape[1]
-    hidden = body(model)(seq[:, :-1], attention_mask=attn[:, :-1],
-                         position_ids=position_ids(attn)[:, :-1]).last_hidden_state[:, -T:]
-    # Checkpointing each chunk recomputes its logits in the backward pass instead of keeping them.
-    return torch.cat([checkpoint(chosen_logprobs, head(model), hidden[:, i:i + chunk], tokens[:, i:i + chunk],
-                                 temperature, vocab_size, use_reentrant=False) for i in range(0, T, chunk)], dim=1)
-
-
-def chosen_logprobs(head, hidden, tokens, temperature, vocab_size):
-    logits = head(hidden)[..., :vocab_size].float()
-    if temperature > 0:
-        logits = logits / temperature
-    return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-class Logprobs(torch.nn.Module):
-    """completion_logprobs as a module's forward pass, the form DistributedDataParallel can wrap."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, prompt_ids, prompt_mask, tokens, mask, temperature, vocab_size=None):
-        return completion_logprobs(self.model, prompt_ids, prompt_mask, tokens, mask, temperature, vocab_size)
-
-
-def policy_gradient(model, prompt_ids, prompt_mask, rollout, advantages, temperature, micro_batch_size,
-                    vocab_size=None, amp=nullcontext(), weak_token_weight=0.0, ddp=None):
-    """Accumulate the REINFORCE gradient into model's .grad; return the loss.
-
-    loss = -sum(advantage * log p(token)) over the strong model's own tokens (eos included; prompt
-    and padding excluded), divided by the number of such tokens in the whole batch, so micro-batches
-    add up to exactly one batch's gradient. The weak model's tokens are context, not the strong
-    model's actions, unless `weak_token_weight` > 0 lets them in with that weight (the follow-up
-    paper's knob; 0 in its main runs). Under torchrun, `ddp` (from data_parallel) computes the
-    log-probs and adds up the ranks' gradients."""
-    own = rollout.mask & ~rollout.from_weak
-    weight = own.float() + weak_token_weight * (rollout.mask & rollout.from_weak).float()
-    total_weight = max(all_sum([weight.sum().item()])[0], 1e-6)  # over every rank's rollouts
-    # Rows with zero advantage or nothing to learn from contribute nothing: skip their forward pass.
-    rows = ((advantages != 0) & (weight > 0).any(1)).nonzero().squeeze(1)
-    if ddp is None:
-        logprobs, scale = Logprobs(model), 1
-    else:
-        # DDP averages the ranks' gradients; each rank's loss is already its share of the batch's, so scale up to a sum.
-        logprobs, scale = ddp, dist.get_world_size()
-        if not len(rows):
-            rows = rows.new_zeros(1)  # a row whose loss is 0: this rank still has to join the gradient sync
-    chunks = [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
-    total = 0.0
-    for i, chunk in enumerate(chunks):
-        # DDP syncs gradients in the last micro-batch's backward pass only; the others add up locally.
-        sync = ddp.no_sync() if ddp is not None and i < len(chunks) - 1 else nullcontext()
-        with sync:
-            with amp:
-                logp = logprobs(prompt_ids[chunk], prompt_mask[chunk], rollout.tokens[chunk], rollout.mask[chunk],
-                                temperature, vocab_size)
-            loss = -(advantages[chunk, None] * logp * weight[chunk]).sum() / total_weight
-            (loss * scale).backward()
-        total += loss.item()
-    return total
-
-
-def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(), word_starts=None, weak_prefix=None,
-            ddp=None):
-    """One tandem rollout batch and one REINFORCE update of `strong`; returns the step's metrics.
-    Under torchrun, `problems` is this rank's share of the batch and the metrics are the whole
-    batch's, and `ddp` (from data_parallel) wraps `strong` for the gradient. `word_starts` (from
-    word_start_mask) makes handoffs happen only at word starts; `weak_prefix` goes in front of the
-    weak model's prompts."""
-    device = next(strong.parameters()).device
-    k = args.samples_per_prompt
-    repeated = [p for p in problems for _ in range(k)]  # a prompt's k samples sit side by side
-    (ids, mask), weak_prompt = encode_prompts(tokenizer, repeated, device, weak_prefix)
-    with amp:
-        rollout = tandem_generate(strong, weak, ids, mask, args.handoff_prob, args.max_new_tokens, args.temperature,
-                                  tokenizer.eos_token_id, len(tokenizer), word_starts, weak_prompt)
-    texts = completion_texts(tokenizer, rollout)
-    rewards = torch.tensor([reward(t, p["answer"]) for t, p in zip(texts, repeated)], device=device)
-    advantages = (rewards.view(-1, k) - baseline(rewards.view(-1, k), args.baseline)).view(-1)
-    loss = policy_gradient(strong, ids, mask, rollout, advantages, args.temperature, args.micro_batch_size,
-                           len(tokenizer), amp, args.weak_token_weight, ddp)
-    grad_norm = torch.nn.utils.clip_grad_norm_(strong.parameters(), args.grad_clip)
-    # The whole batch's figures, over every rank.
-    n_texts, n_rewarded, n_jargon, n_tokens, n_weak, loss = all_sum(
-        [len(texts), rewards.sum().item(), sum(map(has_jargon, texts)), rollout.mask.sum().item(),
-         rollout.from_weak.sum().item(), loss])
-    # A non-finite loss or gradient would poison the weights (and AdamW's moments) for good: skip it.
-    finite = math.isfinite(loss) and math.isfinite(grad_norm.item())
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {
-        "reward": n_rewarded / n_texts,
-        "jargon_rate": n_jargon / n_texts,
-        "weak_frac": n_weak / max(n_tokens, 1),
-        "loss": loss,
-        "grad_norm": grad_norm.item(),
-        "mean_tokens": n_tokens / n_texts,
-        "rollouts": int(n_texts),
-        "skipped": not finite,
-    }
-
-
-# -----------------------------------------------------------------------------
-# Several GPUs: under torchrun, each process (rank) rolls out its share of every batch, and
-# DistributedDataParallel adds up the ranks' gradients
-
-
-def init_distributed(device):
-    """(rank, world_size, device): after joining torchrun's process group, or (0, 1, device)
-    without torchrun. Ranks other than 0 print nothing."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        # Bound to its GPU, NCCL connects (or fails) here, and barriers know which GPU to use.
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    atexit.register(leave_process_group)
-    if dist.get_rank() != 0:
-        sys.stdout = open(os.devnull, "w")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def leave_process_group():
-    """Called by run_cli as the run ends, and at exit if a crash got past it, while Python is still
-    whole: the DistributedDataParallel wrapper sits in a reference cycle, and gloo work that is
-    left for the interpreter's shutdown to free can abort the process."""
-    if distributed():
-        gc.collect()
-        dist.destroy_process_group()
-
-
-def distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_sum(values):
-    """Sums of a few numbers over all ranks (the numbers themselves in a single process)."""
-    if not distributed():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def data_parallel(model, device):
-    """The model's log-probs (Logprobs) wrapped in DistributedDataParallel, for policy_gradient."""
-    # Gradients as views of DDP's communication buckets: one copy of them fewer.
-    return DistributedDataParallel(Logprobs(model), device_ids=[device] if device.type == "cuda" else None,
-                                   gradient_as_bucket_view=True)
-
-
-def share_weights(*models):
-    """Every rank takes rank 0's weights (after a warm-start, which sampled differently on each)."""
-    for model in models:
-        for p in model.parameters():
-            dist.broadcast(p.data, 0)
-
-
-def same_on_all_ranks(obj):
-    objs = [None] * dist.get_world_size()
-    dist.all_gather_object(objs, obj)
-    return all(o == objs[0] for o in objs)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: a run that dies goes on from its last one
-
-
-def save_checkpoint(path, strong, tokenizer, optimizer, step, rng, skipped_updates, rng_states):
-    """Everything the loop needs to go on exactly where it stopped, written aside and then swapped
-    in. `rng_states`: torch_rng_state() of every rank."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    strong.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "skipped_updates": skipped_updates, "optimizer": optimizer.state_dict(),
-                "rng_python": rng.getstate(), "rng_torch": rng_states}, os.path.join(tmp, "state.pt"))
-    replace_dir(tmp, path)
-
-
-def load_checkpoint(path, optimizer, rng, rank=0):
-    """Restore optimizer and RNG states from save_checkpoint's folder (the model loads from it
-    separately); returns (step, skipped_updates). weights_only: a checkpoint cannot run code."""
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    version, internal, gauss = state["rng_python"]
-    rng.setstate((version, tuple(internal), gauss))
-    if rank < len(state["rng_torch"]):  # else resumed on more processes than it had: a new rank keeps its seed
-        cpu, cuda = state["rng_torch"][rank]
-        torch.set_rng_state(cpu)
-        if cuda is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(cuda)
-    return state["step"], state["skipped_updates"]
-
-
-def torch_rng_state():
-    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-
-
-def keep_metrics(path, last_step):
-    """Drop the rows a killed run wrote after its last checkpoint (and a half-written last line), so
-    the resumed run adds each step exactly once."""
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if row["step"] <= last_step:
-                    rows.append(line if line.endswith("\n") else line + "\n")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
-
-
-class Interrupt:
-    """The first Ctrl-C asks the loop to save a checkpoint and stop after the current step; a
-    second one stops at once."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True  # no print here: the handler may run in the middle of another print
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-
-# -----------------------------------------------------------------------------
-# Main: warm-start, then the RL loop
-
-
-def log_metrics(log, row):
-    log.write(json.dumps(row) + "\n")
-    log.flush()
+def parse_args(argv=None):
+    p = Parser(description="Tandem training of a strong LM with a frozen weak partner on GSM8K.")
+    # Models and data
+    p.add_argument("--weak", default="gpt2", help="frozen weak model: hub name or local folder")
+    p.add_argument("--strong", default="gpt2-medium", help="strong model to train: hub name or local folder")
+    p.add_argument("--data", default="openai/gsm8k", help="hub dataset, folder with train.jsonl and test.jsonl, or one .jsonl")
+    p.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads")
+    # The handoffs
+    p.add_argument("--handoff-prob", type=number(float, 0, 1), default=0.5, help="chance the weak model samples a token (paper: 0.5; 0: plain RL)")
+    p.add_argument("--handoff-unit", default="token", choices=["token", "word"], help="token: a coin per token (paper); word: owners change only at word starts")
+    # RL
+    p.add_argument("--steps", type=number(int, 1), default=100, help="RL updates (the paper sees the jargon go in about 20)")
+    p.add_argument("--batch-size", type=number(int, 1), default=32, help="prompts per RL update")
+    p.add_argument("--samples-per-prompt", type=number(int, 1), default=2, help="rollouts per prompt (paper: 2)")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="longest solution sampled (paper: 256)")
+    p.add_argument("--temperature", type=number(float, 0), default=0.7, help="sampling temperature of the rollouts (paper: 0.7; 0: greedy)")
+    p.add_argument("--baseline", default="loo", choices=["loo", "mean", "none"], help="loo: mean reward of the prompt's other samples; mean: of all; none: 0")
+    p.add_argument("--weak-token-weight", type=number(float, 0), default=0.0, help="weight of the weak model's tokens in the loss (0: context, not actions)")
+    p.add_argument("--lr", type=number(float, 0), default=1e-5, help="AdamW learning rate of the RL updates")
+    p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip each update's gradient norm to this")
+    p.add_argument("--micro-batch-size", type=number(int, 1), default=16, help="rollouts per forward/backward of the gradient pass (memory)")
+    # The warm-start
+    p.add_argument("--sft-steps", type=number(int, 0), default=1000, help="warm-start steps for each model (0: use the models as given)")
+    p.add_argument("--sft-batch-size", type=number(int, 1), default=16, help="solutions per warm-start step")
+    p.add_argument("--sft-lr", type=number(float, 0), default=5e-5, help="AdamW learning rate of the warm-start")
+    p.add_argument("--sft-jargon-frac", type=number(float, 0, 1), default=1.0, help="share of the strong model's warm-start solutions that keep <<...>>")
+    # Evaluation, the run
+    p.add_argument("--eval-every", type=number(int, 0), default=20, help="evaluate every N updates, before the first and after the last (0: never)")
+    p.add_argument("--eval-limit", type=number(int, 1), default=200, help="test problems per evaluation")
+    p.add_argument("--out", default=None, help="run folder (default runs/<date-time>)")
+    p.add_argument("--resume", action="store_true", help="go on with the run in --out from its last checkpoint")
+    p.add_argument("--save-every", type=number(int, 0), default=20, help="write a checkpoint every N updates (0: never)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (data order, sampling, handoffs)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is one")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype; weights stay float32 (auto: bfloat16 on cuda)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let models run code from their folder or hub repo")
+    args = p.parse_args(argv)
+    if args.baseline == "loo" and args.samples_per_prompt < 2:
+        p.error("the leave-one-out baseline needs --samples-per-prompt 2 or more (or --baseline mean or none)")
+    if args.resume and not args.out:
+        p.error("--resume needs the --out folder of the run to go on with")
+    return args
 
 
 def main(argv=None):
@@ -785,162 +471,325 @@ def main(argv=None):
     rank, world_size, device = init_distributed(pick_device(args.device))
     if args.batch_size % world_size:
         raise UsageError(f"--batch-size {args.batch_size} does not split over {world_size} processes: make it a multiple")
-    random.seed(args.seed)
-    torch.manual_seed(args.seed + rank)  # each rank samples its own rollouts
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
+    torch.manual_seed(args.seed + rank)  # each process samples rollouts of its own
     amp = autocast(device, args.dtype)
-
-    # Every check comes before anything is written: bad input leaves the run folder as it was.
-    train = load_gsm8k("train", args.data)
-    test = load_gsm8k("test", args.data)[:args.eval_limit] if args.eval_every else []
-    weak_prefix = read_text(args.weak_prompt, "--weak-prompt") if args.weak_prompt else None
-    out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    if distributed():  # one run folder, whatever the ranks' clocks say
-        shared = [out]
-        dist.broadcast_object_list(shared, 0)
-        out = shared[0]
-    metrics_path, final_path = os.path.join(out, "metrics.jsonl"), os.path.join(out, "final")
-    finished, started = existing(final_path), os.path.exists(metrics_path)
-    if finished and args.resume:
-        print(f"the run in {out} has finished ({finished} is there): nothing to resume")
+    train, test = load_gsm8k("train", args.data), load_gsm8k("test", args.data)[:args.eval_limit]
+    weak_prefix = read_text(args.weak_prompt) if args.weak_prompt else None
+    out = run_folder(args)
+    if out is None:
         return
-    if (finished or started) and not (args.resume or args.overwrite):
-        raise UsageError(f"--out {out} already holds a {'finished' if finished else 'started'} run: "
-                         "add --resume to continue it or --overwrite to start it again, or choose another --out")
-    checkpoint = existing(os.path.join(out, "checkpoint")) if args.resume else None
-    # The warm-start is saved under the run folder; a later run in the same folder loads it instead.
+    # The warm-start is saved in the run folder, and a run that goes on in that folder reuses it.
     sft_path = {role: os.path.join(out, "sft", role) for role in ("strong", "weak")}
-    reused = {role: existing(path) if args.sft_steps > 0 else None for role, path in sft_path.items()}
-    strong_from = checkpoint or reused["strong"] or args.strong
-    weak_from = reused["weak"] or args.weak
-    tokenizer, strong, weak = load_pair(strong_from, weak_from, device, args.trust_remote_code)
+    warm = {role: args.sft_steps > 0 and os.path.exists(path) for role, path in sft_path.items()}
+    tokenizer, strong, weak = load_pair(sft_path["strong"] if warm["strong"] else args.strong,
+                                        sft_path["weak"] if warm["weak"] else args.weak, device, args.trust_remote_code)
     check_fits(strong, weak, tokenizer, train + test, args.max_new_tokens, weak_prefix)
-    if distributed():
-        dist.barrier()  # every rank has read the run folder before rank 0 writes to it
-    if rank == 0:
-        prepare_run_folder(out, args)
-    print(f"run folder: {out} | device {device} | {world_size} process(es) | {len(train)} train problems")
+    start_run(out, args, rank)
+    print(f"run folder {out} | device {device} | {world_size} process(es) | {len(train)} train problems")
 
-    if args.sft_steps > 0 and not checkpoint:
-        # The strong model learns the jargon; the weak one sees the same solutions without it.
-        for role, model, jargon_frac in [("strong", strong, args.sft_jargon_frac), ("weak", weak, 0.0)]:
-            if reused[role]:
-                print(f"sft {role}: reusing the warm-start in {sft_path[role]}")
-                continue
-            sft(model, tokenizer, train, args.sft_steps, args.sft_batch_size, args.sft_lr, jargon_frac, args.seed,
-                amp, f"sft {role}")
-            if distributed():
-                share_weights(model)
+    # Warm-start: the strong model learns the jargon, the weak one sees the same solutions without it.
+    for role, model, jargon_frac in [("strong", strong, args.sft_jargon_frac), ("weak", weak, 0.0)]:
+        if args.sft_steps > 0 and not warm[role]:
+            sft(model, tokenizer, train, args.sft_steps, args.sft_batch_size, args.sft_lr, jargon_frac, args.seed, amp, f"sft {role}")
+            share_weights(model)
             if rank == 0:
                 save_model(model, tokenizer, sft_path[role])
     weak.requires_grad_(False)
     word_starts = word_start_mask(tokenizer, device) if args.handoff_unit == "word" else None
 
-    def evaluation(step):
-        from eval import evaluate  # eval.py imports this file, so import it only when needed
+    # RL. The rollouts and the gradient pass both run in eval mode: with dropout on, the gradient
+    # would be taken under another policy than the one that sampled.
+    optimizer = torch.optim.AdamW(strong.parameters(), lr=args.lr, weight_decay=0.0)
+    rng = random.Random(args.seed)  # the same on every process: all draw the same batch, each takes its share
+    last_step = resume(out, strong, optimizer, rng, rank) if args.resume else 0
+    log = open_metrics(out, last_step, rank)
 
-        # Every rank evaluates (the same problems, the same result), so none waits long on another.
-        result = evaluate(strong, weak, tokenizer, test, args.handoff_prob, max_new_tokens=args.max_new_tokens,
-                          batch_size=args.batch_size * args.samples_per_prompt, seed=args.seed, amp=amp,
-                          word_starts=word_starts, weak_prefix=weak_prefix)
+    def evaluation(step):  # every process evaluates (the same problems, the same result): none waits on another
+        result = evaluate(strong, weak, tokenizer, test, args.handoff_prob, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size * args.samples_per_prompt,
+                          seed=args.seed, amp=amp, word_starts=word_starts, weak_prefix=weak_prefix)
         print(f"eval at step {step} | strong {result['strong_accuracy']:.3f} | tandem {result['tandem_accuracy']:.3f} | "
               f"jargon {result['jargon_rate']:.2f} | weak NLL {result['weak_nll']:.3f}", flush=True)
-        if rank == 0:
-            log_metrics(log, {"step": step, "kind": "eval"} | result)
-            save_json(os.path.join(out, "eval.json"), result)
+        log({"step": step, "kind": "eval"} | result)
 
-    # Sampling and the gradient pass both run in eval mode: with dropout on, the gradient would be
-    # taken under a different policy from the one that sampled.
-    strong.eval()
-    optimizer = torch.optim.AdamW(strong.parameters(), lr=args.lr, weight_decay=0.0)
-    ddp = data_parallel(strong, device) if distributed() else None
-    rng = random.Random(args.seed)  # the same on every rank: all draw the same batch, each takes its share
-    last_step, skipped_updates = 0, 0
-    if checkpoint:
-        last_step, skipped_updates = load_checkpoint(checkpoint, optimizer, rng, rank)
-        print(f"resuming after step {last_step} from {checkpoint}")
-    elif args.resume:
-        print(f"no checkpoint in {out} yet: starting from step 1")
+    if args.eval_every and last_step == 0:
+        evaluation(0)
+    for step in range(last_step + 1, args.steps + 1):
+        t0 = time.time()
+        batch = rng.sample(train, min(args.batch_size, len(train)))[rank::world_size]
+        metrics = rl_step(strong, weak, tokenizer, optimizer, batch, args, amp, word_starts, weak_prefix)
+        log({"step": step, "kind": "train"} | metrics | {"seconds": time.time() - t0})
+        print(f"step {step}/{args.steps} | reward {metrics['reward']:.3f} | jargon {metrics['jargon_rate']:.2f} | "
+              f"weak {metrics['weak_frac']:.2f} | loss {metrics['loss']:+.4f} | {time.time() - t0:.1f}s"
+              f"{' | non-finite: update skipped' if metrics['skipped'] else ''}", flush=True)
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            evaluation(step)
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint(out, strong, optimizer, rng, step, rank)
     if rank == 0:
-        keep_metrics(metrics_path, last_step if checkpoint else -1)
+        save_model(strong, tokenizer, os.path.join(out, "final"))
+    print(f"saved {os.path.join(out, 'final')}")
 
-    def save(step):
-        rng_states = [torch_rng_state()]
-        if distributed():  # each rank sampled its own rollouts: keep every rank's RNG
-            rng_states = [None] * world_size
-            dist.all_gather_object(rng_states, torch_rng_state())
-        if rank == 0:
-            save_checkpoint(os.path.join(out, "checkpoint"), strong, tokenizer, optimizer, step, rng, skipped_updates,
-                            rng_states)
 
-    # Ranks other than 0 log to nowhere.
-    with open(metrics_path if rank == 0 else os.devnull, "a") as log, Interrupt() as interrupt:
-        if args.eval_every and last_step == 0:
-            evaluation(0)  # every run records its starting point
-        for step in range(last_step + 1, args.steps + 1):
-            t0 = time.time()
-            try:
-                batch = rng.sample(train, min(args.batch_size, len(train)))[rank::world_size]
-                metrics = {"step": step, "kind": "train"} | rl_step(strong, weak, tokenizer, optimizer, batch, args, amp,
-                                                                    word_starts, weak_prefix, ddp)
-                skipped_updates += metrics["skipped"]
-                metrics |= {"skipped_updates": skipped_updates, "seconds": time.time() - t0}
-                log_metrics(log, metrics)
-                print(f"step {step}/{args.steps} | reward {metrics['reward']:.3f} | jargon {metrics['jargon_rate']:.2f} | "
-                      f"weak {metrics['weak_frac']:.2f} | loss {metrics['loss']:+.4f} | {metrics['seconds']:.1f}s"
-                      f"{' | non-finite: update skipped' if metrics['skipped'] else ''}", flush=True)
-                if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-                    evaluation(step)
-            except (torch.OutOfMemoryError, MemoryError):
-                saved = existing(os.path.join(out, "checkpoint"))
-                raise UsageError(f"out of memory at step {step}; {f'the checkpoint in {saved} is intact' if saved else 'no checkpoint yet'}: "
-                                 "lower --micro-batch-size (or --batch-size, --max-new-tokens) and --resume") from None
-            stop = all_sum([float(interrupt.requested)])[0] > 0  # every rank stops at the same step
-            if (args.save_every and step % args.save_every == 0) or stop:
-                save(step)
-            if stop:
-                print(f"interrupted: stopped after step {step}, checkpoint saved; add --resume to the same command "
-                      "to go on")
-                return 130
+# =============================================================================
+# Plumbing. Nothing below changes what is learned: input checks, loading, processes, checkpoints, the run folder.
 
+
+class UsageError(Exception):
+    """Bad input: run_cli prints the message as one line, `error: ...`, and exits with code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other bad input, instead of the usage text
+        raise UsageError(message)
+
+
+def number(kind, low, high=math.inf):
+    """An argparse type: a number of `kind` from `low` to `high`."""
+    def parse(text):
+        if not low <= kind(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be {f'from {low} to {high}' if high < math.inf else f'at least {low}'}, got {text}")
+        return kind(text)
+
+    parse.__name__ = kind.__name__  # argparse says "invalid int value" when kind() fails
+    return parse
+
+
+@contextmanager
+def user_input(what, errors=(OSError, ValueError)):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    """A file, folder or model the user named that can't be read (or made) ends in one line naming it."""
+    try:
+        yield
+    except errors as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip() or type(e).__name__).split("\n")[0]
+        raise UsageError(f"{what}: {reason}") from None
+
+
+def read_text(path):
+    with user_input(f"--weak-prompt {path}"), open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def load_model(name, device, trust_remote_code=False, what=AutoModelForCausalLM):
+    """A model in float32 (AdamW's master copy; speed comes from autocast), or with `what`, its tokenizer."""
+    if os.path.exists(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise UsageError(f"cannot load model {name!r}: it is not a model folder (it has no config.json)")
+    offline = os.environ.get("HF_HUB_OFFLINE") and not os.path.exists(name)
+    # Exception: what loading a broken model raises depends on the file format and the library.
+    with user_input(f"cannot load model {name!r}{' (offline: a hub name needs a network)' if offline else ''}", Exception):
+        if what is AutoTokenizer:
+            return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code).to(device).eval()
+
+
+def load_pair(strong_name, weak_name, device, trust_remote_code=False):
+    """(tokenizer, strong, weak). The models pass token ids to each other, so their tokenizers must agree;
+    they are compared before any weights load."""
+    tokenizer, other = (load_model(name, device, trust_remote_code, AutoTokenizer) for name in (strong_name, weak_name))
+    s, w = tokenizer.get_vocab(), other.get_vocab()
+    if s != w or tokenizer.eos_token != other.eos_token:
+        raise UsageError(f"weak and strong tokenizers differ (vocabularies of {len(w)} and {len(s)} tokens, end tokens "
+                         f"{other.eos_token!r} and {tokenizer.eos_token!r}): choose two models of one family")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # GPT-2 has none; padding is masked out anyway
+    tokenizer.padding_side = "left"  # so that every row's next token is at its end
+    return tokenizer, load_model(strong_name, device, trust_remote_code), load_model(weak_name, device, trust_remote_code)
+
+
+def max_positions(model):
+    return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+
+
+def check_fits(strong, weak, tokenizer, problems, max_new_tokens, weak_prefix=None):
+    """One line now, not an index error mid-run, if the longest prompt and the new tokens overrun a model's positions."""
+    prompts = encode_prompts(tokenizer, problems, "cpu", weak_prefix)
+    for name, model in [("strong", strong), ("weak", weak)]:
+        longest, context = prompts[name][0].shape[1], max_positions(model)  # prompts are padded to the longest
+        if context and longest + max_new_tokens > context:
+            raise UsageError(f"the longest {name} prompt ({longest} tokens) and --max-new-tokens {max_new_tokens} exceed "
+                             f"the {name} model's {context} positions: lower --max-new-tokens or shorten --weak-prompt")
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA GPU (use --device cpu)")
+    device = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
+    return device
+
+
+def autocast(device, dtype):
+    """bfloat16 autocast on CUDA by default; the weights stay float32 so AdamW's small updates aren't lost."""
+    if dtype == "float32" or (dtype == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# Several processes (torchrun): each rolls out its share of every batch; one all-reduce adds up the gradients.
+
+
+def init_distributed(device):
+    """(rank, world_size, device) after joining torchrun's process group; (0, 1, device) without torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)  # bound to its GPU, NCCL connects (or fails) here
+    else:
+        dist.init_process_group("gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_sum(values):
+    """Sums of a few numbers over all processes (the numbers themselves in one process)."""
+    if not distributed():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def sum_gradients(model):
+    """Add up the processes' gradients in one all-reduce (each loss is already its share of the batch's)."""
     if distributed():
-        if not same_on_all_ranks(sum(p.double().sum().item() for p in strong.parameters())):
-            raise UsageError("the ranks' weights have drifted apart; this is a bug, please report it")
-        print(f"the strong model's weights are identical on all {world_size} ranks")
+        params = list(model.parameters())
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+
+
+def share_weights(model):
+    """Every process takes rank 0's weights (after a warm-start, which sampled differently in each)."""
+    for p in model.parameters() if distributed() else []:
+        dist.broadcast(p.data, 0)
+
+
+def gather(obj):
+    """[obj of every process]."""
+    if not distributed():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+# The run folder and checkpoints. Every file is written aside and renamed: a kill never leaves half of one.
+
+
+def run_folder(args):
+    """The run folder, checked before anything is written; None when its run has finished and --resume asks nothing."""
+    out = gather(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))[0]  # rank 0's clock for all
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file, not a folder: choose another --out")
+    if os.path.exists(os.path.join(out, "final")):
+        if args.resume:
+            return print(f"the run in {out} has finished (final/ is there): nothing to resume")
+        raise UsageError(f"--out {out} holds a finished run: choose another --out")
+    if os.path.exists(os.path.join(out, "metrics.jsonl")) and not args.resume:
+        raise UsageError(f"--out {out} holds a started run: add --resume to go on with it, or choose another --out")
+    return out
+
+
+def start_run(out, args, rank):
+    if distributed():
+        dist.barrier()  # every process has looked at the run folder before rank 0 writes to it
     if rank == 0:
-        save_model(strong, tokenizer, final_path)
-    print(f"saved {final_path}")
+        with user_input(f"--out {out}"):
+            os.makedirs(out, exist_ok=True)
+        save_json(os.path.join(out, "config.json"), vars(args) | {"out": out})
 
 
-def prepare_run_folder(out, args):
-    """Rank 0, once every input check has passed: create the folder and record the flags."""
-    if args.overwrite:  # the old run's results go; its warm-start stays for reuse
-        for name in ["checkpoint", "checkpoint.old", "final", "final.old"]:
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-        for name in ["eval.json", "metrics.jsonl"]:
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-    os.makedirs(out, exist_ok=True)
-    save_json(os.path.join(out, "config.json"), vars(args) | {"out": out})
+def save_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def save_model(model, tokenizer, path):
+    """A folder that plain transformers loads."""
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    model.save_pretrained(path + ".tmp")
+    tokenizer.save_pretrained(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(out, strong, optimizer, rng, step, rank):
+    """One dict: all the loop needs to go on exactly where it stopped, with every process's torch RNG."""
+    rng_torch = gather((torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None))
+    if rank == 0:
+        path = os.path.join(out, "checkpoint.pt")
+        torch.save({"model": strong.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "rng_python": rng.getstate(), "rng_torch": rng_torch}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def resume(out, strong, optimizer, rng, rank):
+    """Load the last checkpoint in `out`; returns the step it was written after (0 if there is none)."""
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        return print(f"no checkpoint in {out} yet: starting from step 1") or 0
+    state = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: a checkpoint can't run code
+    strong.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    version, internal, gauss = state["rng_python"]
+    rng.setstate((version, tuple(internal), gauss))
+    if rank < len(state["rng_torch"]):  # else resumed on more processes than before: a new one keeps its seed
+        cpu, cuda = state["rng_torch"][rank]
+        torch.set_rng_state(cpu)
+        if cuda is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda)
+    print(f"resuming after step {state['step']} from {path}")
+    return state["step"]
+
+
+def open_metrics(out, last_step, rank):
+    """log(row) appends a row to metrics.jsonl (rank 0 alone writes). The rows of a killed run after its
+    last checkpoint go first, and a half-written last line, so that each step is there once."""
+    if rank != 0:
+        return lambda row: None
+    path, rows = os.path.join(out, "metrics.jsonl"), []
+    if last_step and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows += [json.loads(line)] if json.loads(line)["step"] <= last_step else []
+                except json.JSONDecodeError:  # the half-written line of a kill
+                    pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)
+    metrics = open(path, "a")
+
+    def log(row):
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        if row["kind"] == "eval":
+            save_json(os.path.join(out, "eval.json"), row)
+
+    return log
 
 
 def run_cli(main):
-    """Runs main() and exits with its return value as the exit code. Bad input ends in one line on
-    stderr and exit code 2, not a traceback."""
+    """main(), its return value the exit code; bad input ends in one line on stderr and exit code 2."""
     try:
         code = main() or 0
     except UsageError as e:
-        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, every rank's line stays whole
+        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, every process's line stays whole
         code = 2
-    except KeyboardInterrupt:  # outside the RL loop (which saves a checkpoint first): nothing to save
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: the same command with --resume goes on from the last checkpoint\n")
         code = 130
     if distributed():
-        # Under torchrun, skip the interpreter's shutdown: a gloo thread that frees a tensor during it
-        # needs the GIL, and the process aborts after all its work is done ("terminate called without
-        # an active exception"; pytorch PR 179291 describes this).
-        leave_process_group()
+        # Leave the process group and skip the interpreter's shutdown, in which a gloo thread that frees a
+        # tensor can abort the process after all its work is done (pytorch PR 179291 describes this).
+        dist.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -949,6 +798,4 @@ def run_cli(main):
 
 
 if __name__ == "__main__":
-    import tandem  # this file again, as the module eval.py imports: one UsageError class for both
-
-    tandem.run_cli(tandem.main)
+    run_cli(main)

@@ -102,8 +102,10 @@ def tiny(tmp_path_factory):
 
 
 def left_padded(tok, texts):
+    """{"strong": (ids, mask), "weak": the same}: left-padded prompts, as encode_prompts gives them."""
     enc = tok(texts, return_tensors="pt", padding=True)
-    return enc["input_ids"], enc["attention_mask"]
+    prompt = enc["input_ids"], enc["attention_mask"]
+    return {"strong": prompt, "weak": prompt}
 
 
 PROMPTS = ["Question: What is 2 plus 3?\nAnswer:", "Question: 7?\nAnswer:",
@@ -174,10 +176,10 @@ def test_load_gsm8k_local(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(p) for p in GSM8K_SAMPLES) + "\n")
     assert load_gsm8k("train", str(tmp_path)) == GSM8K_SAMPLES
     assert load_gsm8k("test", str(tmp_path / "train.jsonl")) == GSM8K_SAMPLES  # one file serves any split
-    with pytest.raises(tandem.UsageError, match="no test.jsonl"):
+    with pytest.raises(tandem.UsageError, match="test.jsonl: No such file"):
         load_gsm8k("test", str(tmp_path))
     (tmp_path / "bad.jsonl").write_text(json.dumps(GSM8K_SAMPLES[0]) + "\n{oops\n")
-    with pytest.raises(tandem.UsageError, match="line 2"):
+    with pytest.raises(tandem.UsageError, match="line 2: Expecting"):
         load_gsm8k("train", str(tmp_path / "bad.jsonl"))
 
 
@@ -193,14 +195,15 @@ def hf_greedy(model, ids, attn, n, eos):
 
 @pytest.mark.parametrize("handoff_prob", [0.0, 1.0])
 def test_decoder_equals_generate_at_handoff_0_and_1(tiny, handoff_prob):
-    ids, attn = left_padded(tiny.tok, PROMPTS)
+    prompts = left_padded(tiny.tok, PROMPTS)
+    ids, attn = prompts["strong"]
     assert (attn == 0).any()  # prompts of different lengths: some rows are padded
     owner = tiny.weak if handoff_prob == 1 else tiny.strong
     # Use a token the model emits early as "eos", so that rows finish at different steps.
     free = hf_greedy(owner, ids, attn, 12, eos=None)
     eos = free[0, 3].item()
     expected = hf_greedy(owner, ids, attn, 24, eos)
-    got = tandem_generate(tiny.strong, tiny.weak, ids, attn, handoff_prob, 24, 0.0, eos)
+    got = tandem_generate(tiny.strong, tiny.weak, prompts, handoff_prob, 24, 0.0, eos)
     assert torch.equal(got.tokens, expected)
     assert bool(got.from_weak[got.mask].all()) == (handoff_prob == 1) and not got.from_weak[~got.mask].any()
     for row, keep in zip(got.tokens, got.mask):  # mask: up to and including the first eos
@@ -211,10 +214,10 @@ def test_decoder_equals_generate_at_handoff_0_and_1(tiny, handoff_prob):
 
 def test_decoder_tokens_are_their_owners_argmax_uncached(tiny):
     torch.manual_seed(0)
-    ids, attn = left_padded(tiny.tok, PROMPTS)
-    got = tandem_generate(tiny.strong, tiny.weak, ids, attn, 0.5, 20, 0.0, tiny.tok.eos_token_id)
+    prompts = left_padded(tiny.tok, PROMPTS)
+    got = tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 20, 0.0, tiny.tok.eos_token_id)
     assert got.from_weak.any() and (~got.from_weak).any()
-    seq, seq_attn = ids, attn
+    seq, seq_attn = prompts["strong"]
     for t in range(got.tokens.shape[1]):
         with torch.no_grad():
             logits = {m: m(seq, attention_mask=seq_attn, position_ids=position_ids(seq_attn)).logits[:, -1]
@@ -227,21 +230,21 @@ def test_decoder_tokens_are_their_owners_argmax_uncached(tiny):
 
 def test_decoder_samples_only_real_tokens_from_padded_output_layers(tiny, tmp_path):
     padded = make_model(tmp_path / "padded", tiny.tok, n_layer=1, seed=3, vocab_size=len(tiny.tok) + 64)
-    ids, attn = left_padded(tiny.tok, PROMPTS * 4)
+    prompts = left_padded(tiny.tok, PROMPTS * 4)
     torch.manual_seed(0)
-    got = tandem_generate(padded, padded, ids, attn, 0.5, 40, 2.0, tiny.tok.eos_token_id, vocab_size=len(tiny.tok))
+    got = tandem_generate(padded, padded, prompts, 0.5, 40, 2.0, tiny.tok.eos_token_id, vocab_size=len(tiny.tok))
     assert got.tokens.max() < len(tiny.tok)
     torch.manual_seed(0)
-    unguarded = tandem_generate(padded, padded, ids, attn, 0.5, 40, 2.0, tiny.tok.eos_token_id)
+    unguarded = tandem_generate(padded, padded, prompts, 0.5, 40, 2.0, tiny.tok.eos_token_id)
     assert unguarded.tokens.max() >= len(tiny.tok)  # the test would catch a missing cut
 
 
 def test_decoder_is_seeded(tiny):
-    ids, attn = left_padded(tiny.tok, PROMPTS)
+    prompts = left_padded(tiny.tok, PROMPTS)
     runs = []
     for _ in range(2):
         torch.manual_seed(7)
-        runs.append(tandem_generate(tiny.strong, tiny.weak, ids, attn, 0.5, 16, 0.7, tiny.tok.eos_token_id))
+        runs.append(tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 16, 0.7, tiny.tok.eos_token_id))
     assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].from_weak, runs[1].from_weak)
 
 
@@ -262,22 +265,23 @@ def decode_recording_logits(tiny, *args, amp=tandem.nullcontext(), **kwargs):
 
 def assert_logits_are_uncached(tiny, prompts, got, logits, atol, amp=tandem.nullcontext()):
     """Each model's recorded logits equal an uncached forward over its prompt (prompts[name] =
-    (ids, mask)) and the tokens so far, on the rows that model owned at that step; the decoder runs
-    each output layer on those rows only. Needs rollouts in which no row ended early."""
+    (ids, mask)) and the tokens so far, on the rows that model owned at that step. Needs rollouts in
+    which no row ended early."""
     assert got.mask.all()  # so from_weak names every step's owners
     models = {"strong": tiny.strong, "weak": tiny.weak}
-    steps = {name: 0 for name in models}
+    checked = {name: 0 for name in models}
     for t in range(got.tokens.shape[1]):
         for name, (s, a) in prompts.items():
             rows = got.from_weak[:, t] if name == "weak" else ~got.from_weak[:, t]
             if rows.any():
                 with torch.no_grad(), amp:
                     uncached = models[name](s, attention_mask=a, position_ids=position_ids(a)).logits[rows, -1]
-                assert torch.allclose(logits[name][steps[name]].float(), uncached.float(), atol=atol), f"{name} at step {t}"
-                steps[name] += 1
+                recorded = logits[name][t][rows]
+                assert torch.allclose(recorded.float(), uncached.float(), atol=atol), f"{name} at step {t}"
+                checked[name] += 1
         prompts = {name: (torch.cat([s, got.tokens[:, t:t + 1]], 1), torch.cat([a, torch.ones_like(a[:, :1])], 1))
                    for name, (s, a) in prompts.items()}
-    assert steps == {name: len(calls) for name, calls in logits.items()} and min(steps.values()) > 5
+    assert min(checked.values()) > 5
 
 
 def test_weak_prompt_is_read_by_the_weak_model_only(tiny):
@@ -285,30 +289,30 @@ def test_weak_prompt_is_read_by_the_weak_model_only(tiny):
     the strong model's over its prompt and the tokens so far, the weak model's over prefix +
     prompt + the same tokens, each with its own left padding and positions."""
     problems = [{"question": q} for q in ["What is 2 plus 3?", "7", "What is 9 plus 9? Think.", ""]]
-    (ids, attn), weak_prompt = tandem.encode_prompts(tiny.tok, problems, "cpu", "Question: 1+1?\nAnswer: 2\n#### 2\n\n")
-    assert weak_prompt[0].shape[1] > ids.shape[1] and (weak_prompt[1] == 0).any()
+    prompts = tandem.encode_prompts(tiny.tok, problems, "cpu", "Question: 1+1?\nAnswer: 2\n#### 2\n\n")
+    assert prompts["weak"][0].shape[1] > prompts["strong"][0].shape[1] and (prompts["weak"][1] == 0).any()
     torch.manual_seed(0)
-    got, logits = decode_recording_logits(tiny, ids, attn, 0.5, 16, 1.0, tiny.tok.eos_token_id, weak_prompt=weak_prompt)
-    assert_logits_are_uncached(tiny, {"strong": (ids, attn), "weak": weak_prompt}, got, logits, atol=1e-5)
+    got, logits = decode_recording_logits(tiny, prompts, 0.5, 16, 1.0, tiny.tok.eos_token_id)
+    assert_logits_are_uncached(tiny, prompts, got, logits, atol=1e-5)
 
 
 def test_bfloat16_autocast_decodes_and_learns_like_float32(tiny):
     """On CUDA the default is bf16 autocast over float32 weights. The same autocast on CPU runs the
     same code: the KV caches fill with bf16, and the log-probs are taken in float32."""
     amp = tandem.autocast(torch.device("cpu"), "bfloat16")
-    ids, attn = left_padded(tiny.tok, PROMPTS)
+    prompts = left_padded(tiny.tok, PROMPTS)
     torch.manual_seed(0)
-    got, logits = decode_recording_logits(tiny, ids, attn, 0.5, 16, 1.0, tiny.tok.eos_token_id, amp=amp)
+    got, logits = decode_recording_logits(tiny, prompts, 0.5, 16, 1.0, tiny.tok.eos_token_id, amp=amp)
     assert logits["strong"][0].dtype == torch.bfloat16  # autocast did take over
     # Within bf16 rounding (8 bits of mantissa) of the logits, which are below 1 on these models.
-    assert_logits_are_uncached(tiny, {"strong": (ids, attn), "weak": (ids, attn)}, got, logits, atol=1e-2, amp=amp)
+    assert_logits_are_uncached(tiny, prompts, got, logits, atol=1e-2, amp=amp)
     with amp:  # a bf16 log-softmax over a 50k vocabulary would be off by tenths of a nat
-        assert completion_logprobs(tiny.strong, ids, attn, got.tokens, got.mask, 1.0).dtype == torch.float32
+        assert completion_logprobs(tiny.strong, prompts["strong"], got.tokens, got.mask, 1.0).dtype == torch.float32
     advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
     grads = []
     for context in [tandem.nullcontext(), amp]:
         tiny.strong.zero_grad(set_to_none=True)
-        policy_gradient(tiny.strong, ids, attn, got, advantages, 1.0, 2, amp=context)
+        policy_gradient(tiny.strong, prompts["strong"], got, advantages, 1.0, 2, amp=context)
         grads.append(torch.cat([p.grad.flatten() for p in tiny.strong.parameters()]))
     tiny.strong.zero_grad(set_to_none=True)
     assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.999
@@ -318,17 +322,16 @@ def test_bfloat16_autocast_decodes_and_learns_like_float32(tiny):
 def test_word_handoffs_change_owners_only_at_word_starts(tiny):
     word_starts = tandem.word_start_mask(tiny.tok, "cpu")
     assert word_starts[tiny.tok(" plus")["input_ids"][0]] and not word_starts[tiny.tok("plus")["input_ids"][0]]
-    ids, attn = left_padded(tiny.tok, PROMPTS * 4)
+    prompts = left_padded(tiny.tok, PROMPTS * 4)
     torch.manual_seed(0)
-    got = tandem_generate(tiny.strong, tiny.weak, ids, attn, 0.5, 40, 1.5, tiny.tok.eos_token_id, len(tiny.tok),
-                          word_starts)
+    got = tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 40, 1.5, tiny.tok.eos_token_id, len(tiny.tok), word_starts)
     both = got.mask[:, 1:] & got.mask[:, :-1]
     changes = both & (got.from_weak[:, 1:] != got.from_weak[:, :-1])
     assert changes.sum() >= 10 and (both & ~changes).sum() >= 10  # owners do change, and do stay
     assert word_starts[got.tokens[:, 1:][changes]].all()
     # By token, owners change at non-word-starts too: the check above would catch a missing rule.
     torch.manual_seed(0)
-    by_token = tandem_generate(tiny.strong, tiny.weak, ids, attn, 0.5, 40, 1.5, tiny.tok.eos_token_id, len(tiny.tok))
+    by_token = tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 40, 1.5, tiny.tok.eos_token_id, len(tiny.tok))
     both = by_token.mask[:, 1:] & by_token.mask[:, :-1]
     changes = both & (by_token.from_weak[:, 1:] != by_token.from_weak[:, :-1])
     assert not word_starts[by_token.tokens[:, 1:][changes]].all()
@@ -346,52 +349,53 @@ def test_baselines():
 
 
 def rollout_for_loss(tiny):
-    ids, attn = left_padded(tiny.tok, PROMPTS)
+    prompts = left_padded(tiny.tok, PROMPTS)
     torch.manual_seed(3)
-    roll = tandem_generate(tiny.strong, tiny.weak, ids, attn, 0.5, 12, 1.0, tiny.tok.eos_token_id)
+    roll = tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 12, 1.0, tiny.tok.eos_token_id)
     # Finish row 1 early on an eos the strong model sampled, so eos and the padding after it are both tested.
     roll.tokens[1, 5], roll.from_weak[1, 5] = tiny.tok.eos_token_id, False
     roll.tokens[1, 6:], roll.from_weak[1, 6:], roll.mask[1, 6:] = tiny.tok.eos_token_id, False, False
-    return ids, attn, roll
+    return prompts["strong"], roll
 
 
 def grads(model):
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
 
 
-def gradient_of(model, ids, attn, roll, advantages, temperature, micro_batch_size, **kwargs):
+def gradient_of(model, prompt, roll, advantages, temperature, micro_batch_size, **kwargs):
     """The gradient policy_gradient accumulates from scratch; model.grad is left cleared."""
     model.zero_grad(set_to_none=True)
-    policy_gradient(model, ids, attn, roll, advantages, temperature, micro_batch_size, **kwargs)
+    policy_gradient(model, prompt, roll, advantages, temperature, micro_batch_size, **kwargs)
     gradient = grads(model)
     model.zero_grad(set_to_none=True)
     return gradient
 
 
 def test_gradient_is_zero_when_rewards_equal_the_baseline(tiny):
-    ids, attn, roll = rollout_for_loss(tiny)
+    prompt, roll = rollout_for_loss(tiny)
     tiny.strong.zero_grad(set_to_none=True)
     rewards = torch.ones(len(PROMPTS)).view(-1, 2)
     advantages = (rewards - baseline(rewards, "loo")).view(-1)
-    policy_gradient(tiny.strong, ids, attn, roll, advantages, 1.0, 2)
+    policy_gradient(tiny.strong, prompt, roll, advantages, 1.0, 2)
     assert grads(tiny.strong).abs().max() == 0
 
 
 def test_gradient_counts_only_the_strong_models_own_tokens(tiny):
     """The accumulated gradient equals a direct computation: one uncached forward per rollout, summing
     log p over the strong model's tokens (eos included; weak tokens and padding excluded)."""
-    ids, attn, roll = rollout_for_loss(tiny)
+    prompt, roll = rollout_for_loss(tiny)
     advantages = torch.tensor([1.0, -0.5, 0.25, 2.0])
-    got = gradient_of(tiny.strong, ids, attn, roll, advantages, 0.7, micro_batch_size=3)
+    got = gradient_of(tiny.strong, prompt, roll, advantages, 0.7, micro_batch_size=3)
 
     own = roll.mask & ~roll.from_weak
     assert roll.from_weak[roll.mask].any() and own[1, 5]  # weak tokens present; row 1's eos is the strong one's
     total = 0
+    ids, attn = prompt
     for i in range(len(PROMPTS)):
-        prompt = ids[i][attn[i].bool()]
+        real = ids[i][attn[i].bool()]
         n = int(roll.mask[i].sum())
-        seq = torch.cat([prompt, roll.tokens[i, :n]])[None]
-        logp = torch.log_softmax(tiny.strong(seq).logits[0, len(prompt) - 1:-1] / 0.7, -1)
+        seq = torch.cat([real, roll.tokens[i, :n]])[None]
+        logp = torch.log_softmax(tiny.strong(seq).logits[0, len(real) - 1:-1] / 0.7, -1)
         chosen = logp.gather(-1, roll.tokens[i, :n, None]).squeeze(-1)
         total = total - advantages[i] * chosen[own[i, :n]].sum()
     (total / own.sum()).backward()
@@ -401,17 +405,17 @@ def test_gradient_counts_only_the_strong_models_own_tokens(tiny):
 
 
 def test_gradient_step_raises_logprob_of_rewarded_tokens(tiny):
-    ids, attn, roll = rollout_for_loss(tiny)
+    prompt, roll = rollout_for_loss(tiny)
     own = roll.mask & ~roll.from_weak
     model = tandem.AutoModelForCausalLM.from_pretrained(tiny.root / "strong").eval()
 
     def own_logprob():
         with torch.no_grad():
-            return (completion_logprobs(model, ids, attn, roll.tokens, roll.mask, 1.0) * own).sum(1)
+            return (completion_logprobs(model, prompt, roll.tokens, roll.mask, 1.0) * own).sum(1)
 
     before = own_logprob()
     advantages = torch.tensor([1.0, -1.0, 0.0, 0.0])
-    policy_gradient(model, ids, attn, roll, advantages, 1.0, 4)
+    policy_gradient(model, prompt, roll, advantages, 1.0, 4)
     assert torch.equal(grads(model).ne(0), grads(model).ne(0))  # finite, defined
     with torch.no_grad():
         for p in model.parameters():
@@ -423,33 +427,36 @@ def test_gradient_step_raises_logprob_of_rewarded_tokens(tiny):
 def test_weak_token_weight_lets_weak_tokens_into_the_loss(tiny):
     """With weight w, the gradient equals that of a loss where the weak tokens count w times a
     strong model's own token: checked against the direct computation with both masks."""
-    ids, attn, roll = rollout_for_loss(tiny)
+    prompt, roll = rollout_for_loss(tiny)
     advantages = torch.tensor([1.0, -0.5, 0.25, 2.0])
-    got = gradient_of(tiny.strong, ids, attn, roll, advantages, 1.0, 2, weak_token_weight=0.3)
-    logp = completion_logprobs(tiny.strong, ids, attn, roll.tokens, roll.mask, 1.0)
+    got = gradient_of(tiny.strong, prompt, roll, advantages, 1.0, 2, weak_token_weight=0.3)
+    logp = completion_logprobs(tiny.strong, prompt, roll.tokens, roll.mask, 1.0)
     weight = (roll.mask & ~roll.from_weak) + 0.3 * (roll.mask & roll.from_weak)
     (-(advantages[:, None] * logp * weight).sum() / weight.sum()).backward()
     expected = grads(tiny.strong)
     tiny.strong.zero_grad(set_to_none=True)
     assert torch.allclose(got, expected, atol=1e-6)
-    weight_0 = gradient_of(tiny.strong, ids, attn, roll, advantages, 1.0, 2)
+    weight_0 = gradient_of(tiny.strong, prompt, roll, advantages, 1.0, 2)
     assert not torch.allclose(got, weight_0, atol=1e-6)
 
 
 def test_weak_tokens_get_no_gradient(tiny):
-    ids, attn, roll = rollout_for_loss(tiny)
+    prompt, roll = rollout_for_loss(tiny)
     all_weak = Rollout(roll.tokens, roll.mask.clone(), roll.mask)
     tiny.strong.zero_grad(set_to_none=True)
-    loss = policy_gradient(tiny.strong, ids, attn, all_weak, torch.tensor([1.0, -1.0, 1.0, -1.0]), 1.0, 4)
+    loss = policy_gradient(tiny.strong, prompt, all_weak, torch.tensor([1.0, -1.0, 1.0, -1.0]), 1.0, 4)
     assert loss == 0 and grads(tiny.strong).abs().max() == 0
 
 
-def test_tokenizers_must_match(tiny):
+def test_tokenizers_must_match_before_any_weights_load(tiny, tmp_path):
     other = make_tokenizer()
-    tandem.check_same_tokenizer(tiny.tok, other)
     other.add_tokens(["<<jargon>>"])
+    other.save_pretrained(tmp_path / "other")
+    shutil.copy(tiny.root / "weak" / "config.json", tmp_path / "other")  # a model folder without weights
     with pytest.raises(tandem.UsageError, match="tokenizers differ"):
-        tandem.check_same_tokenizer(tiny.tok, other)
+        tandem.load_pair(str(tiny.root / "strong"), str(tmp_path / "other"), "cpu")
+    tokenizer, strong, weak = tandem.load_pair(str(tiny.root / "strong"), str(tiny.root / "weak"), "cpu")
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token == tokenizer.eos_token
 
 
 # -----------------------------------------------------------------------------
@@ -509,12 +516,14 @@ def test_cli_end_to_end(tiny, tmp_path):
     tandem.AutoTokenizer.from_pretrained(out / "final")
     changed = [n for (n, a), b in zip(final.named_parameters(), start.parameters()) if not torch.equal(a, b)]
     assert changed, "RL did not change the strong model"
-    # Starting again in the same folder reuses the warm-start instead of training it again; the
-    # paper's other knobs go through the whole script too.
+    # A run killed before its first checkpoint goes on with --resume from its saved warm-start, without
+    # training it again; the paper's other knobs go through the whole script too.
+    shutil.rmtree(out / "final")
     (tmp_path / "prefix.txt").write_text("Question: What is 1 plus 1?\nAnswer: 1+1=2\n#### 2\n\n")
-    printed = tandem_cli("--steps", "2", "--eval-every", "2", "--eval-limit", "4", "--overwrite", "--handoff-unit", "word",
+    printed = tandem_cli("--steps", "2", "--eval-every", "2", "--eval-limit", "4", "--resume", "--handoff-unit", "word",
                          "--weak-prompt", str(tmp_path / "prefix.txt"), "--weak-token-weight", "0.1")
-    assert "reusing the warm-start" in printed and "step 2/2" in printed
+    assert "no checkpoint" in printed and "sft strong step" not in printed and "step 2/2" in printed
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2, 2]
 
 
 # -----------------------------------------------------------------------------
@@ -553,7 +562,7 @@ def test_tandem_training_removes_jargon_and_plain_rl_does_not():
     warm_start = {k: v.clone() for k, v in strong.state_dict().items()}
 
     def evaluate():
-        return evaluation.evaluate(strong, weak, tok, test, 0.5, max_new_tokens=40, batch_size=200, seed=seed)
+        return tandem.evaluate(strong, weak, tok, test, 0.5, max_new_tokens=40, batch_size=200, seed=seed)
 
     results = {"warm-start": evaluate()}
     for arm, handoff_prob in [("tandem RL (handoff 0.5)", 0.5), ("plain RL (handoff 0)", 0.0)]:
@@ -617,33 +626,45 @@ def bad_inputs(tiny, tmp_path_factory):
     (root / "no_answer.jsonl").write_text(json.dumps({"question": "What is 1 plus 1?"}) + "\n")
     (root / "empty.jsonl").write_text("\n")
     (root / "empty_folder").mkdir()
+    (root / "latin1.jsonl").write_bytes('{"question": "caf\xe9?", "answer": "#### 1"}\n'.encode("latin-1"))
+    (root / "broken_model").mkdir()  # a model folder whose weights file is damaged
+    for name in ["config.json", "tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(tiny.root / "strong" / name, root / "broken_model")
+    (root / "broken_model" / "model.safetensors").write_bytes(b"not safetensors")
     return root
 
 
-BAD_INPUTS = [  # (flags, what the error must say)
+BAD_INPUTS = [  # (flags, what the error must say), by class: missing, the wrong kind of thing, unreadable, out of range
     (["--strong", "{root}/missing"], "cannot load model"),
-    (["--strong", "no-such-org/no-such-model"], "offline, a hub name needs a network"),
+    (["--strong", "no-such-org/no-such-model"], "offline: a hub name needs a network"),
+    (["--strong", "{root}/empty_folder"], "not a model folder (it has no config.json)"),
+    (["--weak", "{root}/malformed.jsonl"], "not a model folder"),
+    (["--strong", "{root}/broken_model"], "cannot load model"),
     (["--weak", "{root}/other"], "tokenizers differ (vocabularies of 300 and 320"),
-    (["--data", "{root}/missing.jsonl"], "does not exist"),
-    (["--data", "{root}/empty_folder"], "has no"),
-    (["--data", "{root}/malformed.jsonl"], "line 2 is not valid JSON"),
-    (["--data", "{root}/no_answer.jsonl"], "record 1 needs string fields 'question' and 'answer'"),
+    (["--data", "{root}/missing.jsonl"], "missing.jsonl: No such file or directory"),
+    (["--data", "{root}/empty_folder"], ".jsonl: No such file or directory"),
+    (["--data", "{root}/malformed.jsonl"], "line 2: Expecting property name"),
+    (["--data", "{root}/latin1.jsonl"], "'utf-8' codec can't decode"),
+    (["--data", "{root}/no_answer.jsonl"], "line 1: needs string fields 'question' and 'answer'"),
     (["--data", "{root}/empty.jsonl"], "no problems"),
-    (["--handoff-prob", "1.5"], "between 0 and 1"),
-    (["--temperature", "-1"], "--temperature must be 0 (greedy) or more"),
+    (["--handoff-prob", "1.5"], "argument --handoff-prob: must be from 0 to 1, got 1.5"),
+    (["--temperature", "-1"], "argument --temperature: must be at least 0, got -1"),
+    (["--max-new-tokens", "many"], "argument --max-new-tokens: invalid int value: 'many'"),
     (["--weak-prompt", "{root}/missing.txt"], "--weak-prompt"),
+    (["--weak-prompt", "{root}/empty_folder"], "Is a directory"),
     (["--weak-prompt", "{root}/malformed.jsonl", "--max-new-tokens", "90"], "exceed the weak model's 128 positions"),
 ]
 TANDEM_ONLY = [
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--steps", "0"], "argument --steps: must be at least 1"),
     (["--samples-per-prompt", "1"], "leave-one-out baseline needs --samples-per-prompt 2 or more"),
-    (["--resume", "--overwrite"], "choose one"),
-    (["--weak-token-weight", "-1"], "--weak-token-weight must be 0 or more"),
+    (["--weak-token-weight", "-1"], "argument --weak-token-weight: must be at least 0"),
+    (["--batch-size", "3", "--out", "{root}/malformed.jsonl"], "is a file, not a folder"),
+    (["--unknown-flag"], "unrecognized arguments: --unknown-flag"),
 ]
 EVAL_ONLY = [
-    (["--limit", "0"], "--limit must be at least 1"),
-    (["--curve", "0,half"], "--curve takes numbers"),
+    (["--limit", "0"], "argument --limit: must be at least 1"),
+    (["--curve", "0,half"], "argument --curve: invalid curve value: '0,half'"),
+    (["--json", "{root}/missing/eval.json"], "its folder does not exist"),
 ]
 
 
@@ -683,31 +704,11 @@ def test_a_non_finite_gradient_skips_the_update(tiny, tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_out_of_memory_names_the_step_and_keeps_the_checkpoint(tiny, tmp_path, capsys, monkeypatch):
-    rl_step = tandem.rl_step
-
-    def runs_out_at_step_3(*args):
-        if len(optimizer_steps) == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        optimizer_steps.append(1)
-        return rl_step(*args)
-
-    optimizer_steps = []
-    monkeypatch.setattr(tandem, "rl_step", runs_out_at_step_3)
-    out = tmp_path / "run"
-    argv = ["--strong", tiny.root / "strong", "--weak", tiny.root / "weak", "--data", write_data(tmp_path / "gsm8k"),
-            "--out", out, "--sft-steps", "0", "--steps", "5", "--save-every", "2", "--eval-every", "0",
-            "--batch-size", "2", "--max-new-tokens", "4", "--device", "cpu"]
-    err = usage_error(capsys, tandem, argv, alone=False)
-    assert "out of memory at step 3" in err and f"the checkpoint in {out / 'checkpoint'} is intact" in err
-    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
-
-
-def test_interrupted_runs_resume_to_the_same_result(tiny, tmp_path, capsys):
-    """A run killed with SIGKILL, or stopped with Ctrl-C, and then resumed, ends with the same
-    metrics steps and the same weights as a run that was never interrupted."""
+def test_a_killed_run_resumes_to_the_same_result(tiny, tmp_path, capsys):
+    """A run killed with SIGKILL and then resumed has every step in metrics.jsonl once, and ends with
+    the weights of a run that was never interrupted."""
     data = write_data(tmp_path / "gsm8k")
-    steps = 30
+    steps = 12
 
     def flags(out, *more):
         return ["--strong", str(tiny.root / "strong"), "--weak", str(tiny.root / "weak"), "--data", str(data),
@@ -724,66 +725,60 @@ def test_interrupted_runs_resume_to_the_same_result(tiny, tmp_path, capsys):
     def train_steps(out):
         return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
-    def stop_midway(out, how):
-        proc = subprocess.Popen([sys.executable, str(HERE / "tandem.py"), *flags(out)], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        metrics = out / "metrics.jsonl"
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.01)
-        proc.send_signal(how)
-        output = proc.communicate(timeout=120)[0]
-        assert 1 <= len(train_steps(out)) < steps and not (out / "final").exists()
-        return proc.returncode, output
-
     run(tmp_path / "whole")
     whole = tandem.AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "final").state_dict()
 
-    code, _ = stop_midway(tmp_path / "killed", signal.SIGKILL)
-    assert code == -signal.SIGKILL
-    assert "already holds a started run" in usage_error(capsys, tandem, flags(tmp_path / "killed"))
-    code, output = stop_midway(tmp_path / "stopped", signal.SIGINT)
-    assert code == 130 and "checkpoint saved" in output, output
-    last = train_steps(tmp_path / "stopped")[-1]
-    assert torch.load(tmp_path / "stopped" / "checkpoint" / "state.pt", weights_only=True)["step"] == last
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(HERE / "tandem.py"), *flags(killed)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    while not ((killed / "metrics.jsonl").exists() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 5):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.01)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert 5 <= len(train_steps(killed)) < steps and not (killed / "final").exists()
+    assert "holds a started run: add --resume" in usage_error(capsys, tandem, flags(killed))
 
-    for out in [tmp_path / "killed", tmp_path / "stopped"]:
-        assert "resuming after step" in run(out, "--resume")
-        assert train_steps(out) == list(range(1, steps + 1))  # no step lost, none twice
-        final = tandem.AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
-        assert all(torch.equal(whole[k], final[k]) for k in whole), out.name
-    tandem.main(flags(tmp_path / "killed", "--resume"))
+    assert "resuming after step" in run(killed, "--resume")
+    assert train_steps(killed) == list(range(1, steps + 1))  # no step lost, none twice
+    final = tandem.AutoModelForCausalLM.from_pretrained(killed / "final").state_dict()
+    assert all(torch.equal(whole[k], final[k]) for k in whole)
+    tandem.main(flags(killed, "--resume"))
     assert "nothing to resume" in capsys.readouterr().out
-    assert "already holds a finished run" in usage_error(capsys, tandem, flags(tmp_path / "killed"))
+    assert "holds a finished run" in usage_error(capsys, tandem, flags(killed))
+
 
 # -----------------------------------------------------------------------------
 # Several processes
 
 
 def half_batch_gradients(rank, folder):
-    """One of two gloo processes: for each advantage vector, the REINFORCE gradient of its half of
-    the batch, as DistributedDataParallel adds it up over both."""
+    """One of two gloo processes: for each advantage vector, the REINFORCE gradient of its half of the
+    batch, added up over both processes by tandem.sum_gradients."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2,
                                          timeout=timedelta(seconds=60))  # a rank left waiting fails the test
     model = tandem.AutoModelForCausalLM.from_pretrained(folder / "model").eval()
-    ddp = tandem.data_parallel(model, torch.device("cpu"))
     ids, attn, tokens, from_weak, mask, advantages = torch.load(folder / "batch.pt")
     half = slice(2 * rank, 2 * rank + 2)
     roll = Rollout(tokens[half], from_weak[half], mask[half])
-    gradients = [gradient_of(model, ids[half], attn[half], roll, a[half], 0.7, micro_batch_size=1, ddp=ddp)
-                 for a in advantages]
+    gradients = []
+    for a in advantages:
+        model.zero_grad(set_to_none=True)
+        policy_gradient(model, (ids[half], attn[half]), roll, a[half], 0.7, micro_batch_size=1)
+        tandem.sum_gradients(model)
+        gradients.append(grads(model))
     torch.save(torch.stack(gradients), folder / f"grad{rank}.pt")
-    del ddp  # freed before the process group goes: see tandem.leave_process_group
-    tandem.leave_process_group()
+    torch.distributed.destroy_process_group()
 
 
 def test_two_processes_add_up_to_the_whole_batch_gradient(tiny, tmp_path):
-    """Each rank's loss is its share of the whole batch's, and DistributedDataParallel syncs the
-    gradients once, after the last micro-batch: two processes with half the rollouts each get the
-    one-process gradient. In the second batch, rank 1 has nothing to learn from and still joins."""
-    ids, attn, roll = rollout_for_loss(tiny)
+    """Each process's loss is its share of the whole batch's, and one all-reduce adds up the gradients
+    after the micro-batches: two processes with half the rollouts each get the one-process gradient.
+    In the second batch, rank 1 has nothing to learn from and still joins."""
+    prompt, roll = rollout_for_loss(tiny)
+    ids, attn = prompt
     advantages = torch.tensor([[1.0, -0.5, 0.25, 2.0], [1.0, -0.5, 0.0, 0.0]])
-    whole = [gradient_of(tiny.strong, ids, attn, roll, a, 0.7, micro_batch_size=4) for a in advantages]
+    whole = [gradient_of(tiny.strong, prompt, roll, a, 0.7, micro_batch_size=4) for a in advantages]
     tiny.strong.save_pretrained(tmp_path / "model")
     torch.save((ids, attn, roll.tokens, roll.from_weak, roll.mask, advantages), tmp_path / "batch.pt")
     torch.multiprocessing.spawn(half_batch_gradients, args=(tmp_path,), nprocs=2)
@@ -794,10 +789,10 @@ def test_two_processes_add_up_to_the_whole_batch_gradient(tiny, tmp_path):
 
 
 def test_torchrun_with_two_processes(tiny, tmp_path):
-    """torchrun, 2 CPU processes (gloo): rank 0 alone prints and writes the metrics, every step
-    once with the whole batch's rollouts; the ranks end with identical weights (tandem.py checks
-    and says so), and those are the saved final model. A run that dies after its checkpoint at
-    step 2 and is resumed ends with the weights of a run that went straight through."""
+    """torchrun, 2 CPU processes (gloo): rank 0 alone prints and writes the metrics, every step once
+    with the whole batch's rollouts, and saves a final model that RL changed. A run that dies after
+    its checkpoint at step 2 and is resumed has the same metrics and final weights as a run that went
+    straight through."""
     data = write_data(tmp_path / "gsm8k")
 
     def torchrun(out, *flags):
@@ -816,7 +811,7 @@ def test_torchrun_with_two_processes(tiny, tmp_path):
 
     out = tmp_path / "run"
     stdout = torchrun(out, "--steps", "4")
-    assert "identical on all 2 ranks" in stdout and stdout.count("step 1/4 ") == 1  # printed by rank 0 only
+    assert stdout.count("step 1/4 ") == 1  # printed by rank 0 only
     rows = metrics(out)
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 4]
@@ -872,7 +867,7 @@ class Scripted(torch.nn.Module):
 
 def test_evaluate_keys_and_ranges(tiny):
     problems = toy_problems(6, seed=3)
-    result = evaluation.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, curve=[0.0, 0.5, 1.0],
+    result = tandem.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, curve=[0.0, 0.5, 1.0],
                                  max_new_tokens=12, batch_size=4)
     assert result["n"] == 6
     for key in ["strong_accuracy", "weak_accuracy", "tandem_accuracy", "jargon_rate", "tandem_jargon_rate",
@@ -882,9 +877,9 @@ def test_evaluate_keys_and_ranges(tiny):
     assert [c["handoff_prob"] for c in result["curve"]] == [0.0, 0.5, 1.0]
     assert result["curve"][0]["accuracy"] == result["strong_accuracy"]
     assert result["curve"][-1]["accuracy"] == result["weak_accuracy"]
-    again = evaluation.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, max_new_tokens=12, batch_size=3,
+    again = tandem.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, max_new_tokens=12, batch_size=3,
                                 temperature=1.0, seed=4)
-    assert again == evaluation.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, max_new_tokens=12,
+    assert again == tandem.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, max_new_tokens=12,
                                         batch_size=3, temperature=1.0, seed=4)  # seeded
 
 
@@ -892,7 +887,7 @@ def test_evaluate_accuracy_and_legibility_by_hand(tiny):
     problems = toy_problems(10, seed=4)
     solution = " 3+4=<<3+4=7>>7\n#### 7"
     strong = Scripted(tiny.tok, solution)
-    result = evaluation.evaluate(strong, tiny.weak, tiny.tok, problems, 0.5, curve=[0.0, 1.0], max_new_tokens=30,
+    result = tandem.evaluate(strong, tiny.weak, tiny.tok, problems, 0.5, curve=[0.0, 1.0], max_new_tokens=30,
                                  batch_size=4)
     golds = [tandem.extract_answer(p["answer"]) for p in problems]
     assert 0 < golds.count("7") < len(golds)
@@ -913,9 +908,9 @@ def test_evaluate_accuracy_and_legibility_by_hand(tiny):
 
 
 def test_flexible_answer():
-    assert evaluation.flexible_answer("so she pays $1,200.00 in total.") == "1200"
-    assert evaluation.flexible_answer("#### 5 then 6") == "6"
-    assert evaluation.flexible_answer("no numbers") is None
+    assert tandem.flexible_answer("so she pays $1,200.00 in total.") == "1200"
+    assert tandem.flexible_answer("#### 5 then 6") == "6"
+    assert tandem.flexible_answer("no numbers") is None
 
 
 def test_eval_cli_writes_json(tiny, tmp_path):
@@ -940,11 +935,13 @@ def test_bench_parts_run_on_tiny_models(tiny):
     args = evaluation.parse_args(["--bench", "--strong", str(tiny.root / "strong"), "--weak", str(tiny.root / "weak"),
                                   "--device", "cpu", "--batch-size", "4", "--max-new-tokens", "6", "--repeats", "1"])
     device, amp, strong, weak = evaluation.bench_setup(args)
-    ids, attn = evaluation.random_prompts(16, 20, len(tiny.tok), device)
+    prompts = evaluation.random_prompts(16, 20, len(tiny.tok), device)
+    ids, attn = prompts["strong"]
     lengths = attn.sum(1)
     assert lengths.min() >= 18 and lengths.max() <= 22 and lengths.max() == ids.shape[1] and lengths.min() < lengths.max()
     assert torch.equal(attn, attn.sort(1).values)  # padding on the left only
-    times = evaluation.bench_decoding(strong, weak, ids[:4], attn[:4], 6, evaluation.BENCH_TEMPERATURE, 1, amp)
+    four = {name: (ids[:4], attn[:4]) for name in prompts}
+    times = evaluation.bench_decoding(strong, weak, four, 6, evaluation.BENCH_TEMPERATURE, 1, amp)
     assert len(times) == 5 and all(0 < t < 60 for t in times.values())
     seconds, peak = evaluation.rl_step_cost(args, micro_batch_size=2, batch_size=4)
     assert 0 < seconds < 60 and peak >= 0
