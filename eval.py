@@ -26,7 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--split", default="test", choices=["train", "test"], help="which split to evaluate on")
     p.add_argument("--limit", type=number(int, 1), default=None, help="evaluate only the first N problems")
     p.add_argument("--handoff-prob", type=number(float, 0, 1), default=0.5, help="handoff probability of the tandem accuracy")
-    p.add_argument("--handoff-unit", default="token", choices=["token", "word"], help="token: a coin per token; word: owners change only at word starts")
+    p.add_argument("--handoff-unit", default="token", choices=["token", "word"], help="token: a new author for every token; word: at word starts")
+    p.add_argument("--max-gap", type=number(int, 1), default=32, help="by word: a new author after this many tokens without a word start")
     p.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads")
     p.add_argument("--curve", type=curve, default=[], help="comma-separated handoff probabilities for a robustness curve, e.g. 0,0.5,1")
     p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="longest solution generated")
@@ -58,16 +59,20 @@ def curve(text):
 
 def report(result, args):
     sampling = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}"
-    lines = [f"GSM8K {args.split}: {result['n']} problems, {sampling}, seed {args.seed}",
-             f"{'':24}{'accuracy':>9}{'jargon':>9}",
-             f"{'strong alone':24}{result['strong_accuracy']:9.3f}{result['jargon_rate']:9.3f}",
-             f"{'weak alone':24}{result['weak_accuracy']:9.3f}",
-             f"{f'tandem (handoff {args.handoff_prob:g})':24}{result['tandem_accuracy']:9.3f}{result['tandem_jargon_rate']:9.3f}",
-             f"strong alone, flexible extract: accuracy {result['flexible_accuracy']:.3f}",
+    def acc(value, ci):
+        return f"{value:9.3f}  [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+    lines = [f"GSM8K {args.split}: {result['n']} problems, {sampling}, seed {args.seed}; [95% Wilson interval]",
+             f"{'':32}{'accuracy':>9}{'':18}{'jargon':>7}",
+             f"{'strong alone':32}{acc(result['strong_accuracy'], result['strong_accuracy_ci'])}{result['jargon_rate']:9.3f}",
+             f"{'weak alone':32}{acc(result['weak_accuracy'], result['weak_accuracy_ci'])}",
+             f"{f'tandem (handoff {args.handoff_prob:g})':32}{acc(result['tandem_accuracy'], result['tandem_accuracy_ci'])}"
+             f"{result['tandem_jargon_rate']:9.3f}",
+             f"{'strong alone, flexible extract':32}{acc(result['flexible_accuracy'], result['flexible_accuracy_ci'])}",
              f"legibility: weak NLL of strong solutions {result['weak_nll']:.3f} nats/token "
              f"(mean length {result['mean_tokens']:.1f} tokens)"]
-    if "curve" in result:
-        lines.append("handoff curve: " + "  ".join(f"{c['handoff_prob']:g}: {c['accuracy']:.3f}" for c in result["curve"]))
+    for c in result.get("curve", []):
+        lines.append(f"{'handoff curve at %g' % c['handoff_prob']:32}{acc(c['accuracy'], c['ci'])}")
     return "\n".join(lines)
 
 
@@ -103,10 +108,9 @@ def main(argv=None):
         print(f"\r{msg}   " if tty else msg, end="" if tty else "\n", file=sys.stderr, flush=True)
 
     t0, runs = time.time(), {}
-    word_starts = tandem.word_start_mask(tokenizer, device) if args.handoff_unit == "word" else None
     result = tandem.evaluate(strong, weak, tokenizer, problems, args.handoff_prob, args.curve, args.max_new_tokens,
                              args.temperature, args.batch_size, args.seed, tandem.autocast(device, args.dtype),
-                             show if long_run else None, runs, word_starts, weak_prefix)
+                             show if long_run else None, runs, tandem.handoff_rule(args, tokenizer, device), weak_prefix)
     if long_run and tty:
         print(file=sys.stderr)
     print(report(result, args))

@@ -156,28 +156,29 @@ def sample(logits, temperature):
 
 @torch.no_grad()
 def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, temperature, eos_token_id,
-                    vocab_size=None, word_starts=None):
-    """Sample continuations of left-padded prompts (from encode_prompts); the weak model samples each
-    token with probability `handoff_prob`, else the strong one. `vocab_size` cuts the logits of output
-    layers padded past the tokenizer. `word_starts` (from word_start_mask) hands off only at word
-    starts (see word_handoff). Draws from the global torch RNG."""
+                    vocab_size=None, max_gap=1, boundaries=None):
+    """Sample continuations of left-padded prompts (from encode_prompts), each token by one author. The
+    first author is drawn at the start: the weak model with probability `handoff_prob`, else the strong
+    one. After every token the author is drawn again when `max_gap` tokens have passed since the last
+    draw (1, the default: a new author for every token, the paper's rule), or right after a token that
+    `boundaries` (a bool per token id, from word_boundaries) marks. Every author samples from its own
+    whole distribution. `vocab_size` cuts output layers padded past the tokenizer. Uses the torch RNG."""
     models = {"strong": strong, "weak": weak}
     B, T, device = prompts["strong"][0].shape[0], max_new_tokens, prompts["strong"][0].device
-    coins = (torch.rand(T, B) < handoff_prob).to(device)  # True: the weak model samples this token
-    # A model that samples no token of this rollout (at handoff 0 or 1) need not read any.
+    coins = (torch.rand(T, B) < handoff_prob).to(device)  # True: a draw at step t picks the weak model
+    # A model that no draw picks (at handoff 0 or 1) need not read anything.
     readers = [name for name in models if (coins if name == "weak" else ~coins).any()]
     # Per reader: its prompt and the new tokens in one buffer, one attention mask and the positions for
     # the whole rollout, and a static KV cache, allocated once (a DynamicCache copies itself every step).
     seq = {n: torch.cat([ids, ids.new_full((B, T), eos_token_id)], 1) for n, (ids, _) in prompts.items()}
     attn = {n: torch.cat([mask, mask.new_ones(B, T)], 1) for n, (_, mask) in prompts.items()}
+    positions = {n: position_ids(a) for n, a in attn.items()}
     start = {n: ids.shape[1] for n, (ids, _) in prompts.items()}  # where the new tokens begin in seq[n]
     caches = {n: StaticCache(config=models[n].config, max_cache_len=seq[n].shape[1]) for n in readers}
     read = {n: 0 for n in readers}  # how much of seq[n] is in the cache
-    positions = {n: position_ids(a) for n, a in attn.items()}
-    tokens = seq["strong"][:, start["strong"]:]
     from_weak, mask = (torch.zeros(B, T, dtype=torch.bool, device=device) for _ in range(2))
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    weak_owns = coins[0]  # by word: who owns the word being written
+    weak_owns, since_draw = coins[0], torch.zeros(B, dtype=torch.long, device=device)
     for t in range(T):
         logits = {}
         for n in readers:  # each model reads what it has not read yet, and gives its next-token logits
@@ -185,38 +186,31 @@ def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, tempera
             out = body(models[n])(seq[n][:, read[n]:end], attention_mask=attn[n], position_ids=positions[n][:, read[n]:end],
                                   cache=caches[n], use_cache=True)
             logits[n], read[n] = head(models[n])(out.last_hidden_state[:, -1])[:, :vocab_size], end
-        if word_starts is not None and len(readers) == 2:
-            token, weak_owns = word_handoff(logits, weak_owns, coins[t], word_starts, temperature)
-        else:
-            weak_owns = coins[t]
-            token = sample(logits[readers[0]] if len(readers) == 1 else
-                           torch.where(weak_owns[:, None], logits["weak"], logits["strong"]), temperature)
+        token = sample(logits[readers[0]] if len(readers) == 1 else
+                       torch.where(weak_owns[:, None], logits["weak"], logits["strong"]), temperature)
         token.masked_fill_(done, eos_token_id)
         for n in seq:
             seq[n][:, start[n] + t] = token
         from_weak[:, t], mask[:, t] = weak_owns & ~done, ~done
         done |= token == eos_token_id
-        if done.all():  # the one host sync per token
+        if t == T - 1 or done.all():  # the one host sync per token
             break
+        since_draw += 1
+        draw = since_draw >= max_gap if boundaries is None else (since_draw >= max_gap) | boundaries[token]
+        weak_owns = torch.where(draw, coins[t + 1], weak_owns)
+        since_draw.masked_fill_(draw, 0)
     n = t + 1
-    return Rollout(tokens[:, :n].clone(), from_weak[:, :n], mask[:, :n])
+    return Rollout(seq["strong"][:, start["strong"]:start["strong"] + n], from_weak[:, :n], mask[:, :n])
 
 
-def word_handoff(logits, weak_owns, coin_weak, word_starts, temperature):
-    """One step of handoffs by word (--handoff-unit word). The owner of the current word samples
-    the next token. If that token starts a new word, the coin picks the new word's owner; when it
-    picks the other model, that model writes the word's first token instead, sampled from its own
-    word-starting tokens. Returns the tokens and the new owners (True: weak)."""
-    token = sample(torch.where(weak_owns[:, None], logits["weak"], logits["strong"]), temperature)
-    owner = torch.where(word_starts[token], coin_weak, weak_owns)
-    starts = torch.where(owner[:, None], logits["weak"], logits["strong"]).masked_fill(~word_starts, float("-inf"))
-    return torch.where(owner != weak_owns, sample(starts, temperature), token), owner
-
-
-def word_start_mask(tokenizer, device):
-    """For --handoff-unit word: True for each token id whose text begins with a space or newline."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return torch.tensor([text[:1].isspace() for text in texts], device=device)
+def handoff_rule(args, tokenizer, device):
+    """tandem_generate's handoff rule for --handoff-unit. By word, the follow-up paper's code's rule: the
+    author is drawn again right after a token that starts with the byte-level BPE's space marker "Ġ" (or
+    SentencePiece's "▁"), or after --max-gap tokens; a newline is no boundary."""
+    if args.handoff_unit == "token":
+        return {"max_gap": 1}
+    surfaces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return {"max_gap": args.max_gap, "boundaries": torch.tensor([s.startswith(("Ġ", "▁")) for s in surfaces], device=device)}
 
 
 def completion_texts(tokenizer, rollout):
@@ -266,7 +260,9 @@ def policy_gradient(model, prompt, rollout, advantages, temperature, micro_batch
     loss = -sum(advantage * log p(token)) over the strong model's own tokens (eos included, prompt and
     padding not), divided by the number of those tokens in the whole batch (over every process), so
     micro-batches add up to one batch's gradient. The weak model's tokens are context, not actions,
-    unless `weak_token_weight` > 0 lets them in with that weight (the follow-up's code has this knob)."""
+    unless `weak_token_weight` > 0 lets them in with that weight: the follow-up paper's code has this knob
+    (junior_token_loss_weight, 0 in its runs); its paper's lambda_jun, a KL term toward the weak model, is
+    another mechanism, and the two agree only at 0."""
     weight = (rollout.mask & ~rollout.from_weak) + weak_token_weight * (rollout.mask & rollout.from_weak)
     total_weight = max(all_sum([weight.sum().item()])[0], 1e-6)
     # Rows with zero advantage or nothing to learn from add nothing: skip their forward pass.
@@ -282,7 +278,7 @@ def policy_gradient(model, prompt, rollout, advantages, temperature, micro_batch
     return total
 
 
-def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(), word_starts=None, weak_prefix=None):
+def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(), handoff=None, weak_prefix=None):
     """Tandem rollouts of `problems` (under torchrun, this process's share of the batch), one REINFORCE
     update of `strong`; returns the whole batch's metrics."""
     k = args.samples_per_prompt
@@ -290,7 +286,7 @@ def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(
     prompts = encode_prompts(tokenizer, repeated, next(strong.parameters()).device, weak_prefix)
     with amp:
         rollout = tandem_generate(strong, weak, prompts, args.handoff_prob, args.max_new_tokens, args.temperature,
-                                  tokenizer.eos_token_id, len(tokenizer), word_starts)
+                                  tokenizer.eos_token_id, len(tokenizer), **(handoff or {}))
     texts = completion_texts(tokenizer, rollout)
     rewards = torch.tensor([reward(t, p["answer"]) for t, p in zip(texts, repeated)]).view(-1, k)
     advantages = (rewards - baseline(rewards, args.baseline)).view(-1).to(rollout.tokens.device)
@@ -303,10 +299,12 @@ def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    n, rewarded, jargon, n_tokens, n_weak, loss = all_sum([len(texts), rewards.sum().item(), sum(map(has_jargon, texts)),
-                                                           rollout.mask.sum().item(), rollout.from_weak.sum().item(), loss])
-    return {"reward": rewarded / n, "jargon_rate": jargon / n, "weak_frac": n_weak / max(n_tokens, 1), "loss": loss,
-            "grad_norm": grad_norm, "mean_tokens": n_tokens / n, "rollouts": int(n), "skipped": skipped}
+    switches = ((rollout.from_weak[:, 1:] != rollout.from_weak[:, :-1]) & rollout.mask[:, 1:]).sum().item()
+    n, rewarded, jargon, n_tokens, n_weak, switches, loss = all_sum(
+        [len(texts), rewards.sum().item(), sum(map(has_jargon, texts)), rollout.mask.sum().item(),
+         rollout.from_weak.sum().item(), switches, loss])
+    return {"reward": rewarded / n, "jargon_rate": jargon / n, "weak_frac": n_weak / max(n_tokens, 1), "handoffs": switches / n,
+            "loss": loss, "grad_norm": grad_norm, "mean_tokens": n_tokens / n, "rollouts": int(n), "skipped": skipped}
 
 
 # -----------------------------------------------------------------------------
@@ -315,13 +313,13 @@ def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(
 
 @torch.no_grad()
 def solve(strong, weak, tokenizer, problems, handoff_prob, max_new_tokens, temperature, batch_size, progress=None,
-          word_starts=None, weak_prefix=None):
+          handoff=None, weak_prefix=None):
     """Co-write a solution to every problem: (texts, [(prompts, rollout) per batch])."""
     texts, batches = [], []
     for i in range(0, len(problems), batch_size):
         prompts = encode_prompts(tokenizer, problems[i:i + batch_size], next(strong.parameters()).device, weak_prefix)
         rollout = tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, temperature,
-                                  tokenizer.eos_token_id, len(tokenizer), word_starts)
+                                  tokenizer.eos_token_id, len(tokenizer), **(handoff or {}))
         texts += completion_texts(tokenizer, rollout)
         batches.append((prompts, rollout))
         if progress:
@@ -342,7 +340,7 @@ def weak_nll(weak, batches, vocab_size):
 
 
 def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_new_tokens=256, temperature=0.0,
-             batch_size=32, seed=0, amp=nullcontext(), progress=None, runs=None, word_starts=None, weak_prefix=None):
+             batch_size=32, seed=0, amp=nullcontext(), progress=None, runs=None, handoff=None, weak_prefix=None):
     """Accuracy of the strong model alone (handoff 0), the weak one alone (handoff 1) and the pair at
     `handoff_prob`; jargon; legibility (weak_nll of the strong model's solutions); with `curve`, the
     accuracy at each of those handoff probabilities. `runs`, a dict, receives the solutions by handoff
@@ -354,31 +352,34 @@ def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_
             torch.manual_seed(seed)
             with amp:
                 runs[p] = solve(strong, weak, tokenizer, problems, p, max_new_tokens, temperature, batch_size, progress,
-                                word_starts, weak_prefix)
+                                handoff, weak_prefix)
         return runs[p]
 
-    def accuracy(texts, score=reward):
-        return sum(score(t, p["answer"]) for t, p in zip(texts, problems)) / len(problems)
+    def accuracy(texts, score=reward):  # and its 95% interval
+        k = sum(score(t, p["answer"]) for t, p in zip(texts, problems))
+        return k / len(problems), wilson(k, len(problems))
 
     device = next(strong.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         (solo, solo_batches), (pair, _) = at(0.0), at(handoff_prob)
         with amp:
             nll = weak_nll(weak, solo_batches, len(tokenizer))
-        result = {
-            "n": len(problems),
-            "strong_accuracy": accuracy(solo),
-            "weak_accuracy": accuracy(at(1.0)[0]),
-            "tandem_accuracy": accuracy(pair),
-            "jargon_rate": sum(map(has_jargon, solo)) / len(solo),
-            "tandem_jargon_rate": sum(map(has_jargon, pair)) / len(pair),
-            "weak_nll": nll,
-            "mean_tokens": sum(r.mask.sum().item() for _, r in solo_batches) / len(problems),
-            "flexible_accuracy": accuracy(solo, lambda t, gold: float(flexible_answer(t) == gold_answer(gold))),
-        }
+        result = {"n": len(problems)}
+        for name, texts, score in [("strong", solo, reward), ("weak", at(1.0)[0], reward), ("tandem", pair, reward),
+                                   ("flexible", solo, lambda t, gold: float(flexible_answer(t) == gold_answer(gold)))]:
+            result[f"{name}_accuracy"], result[f"{name}_accuracy_ci"] = accuracy(texts, score)
+        result |= {"jargon_rate": sum(map(has_jargon, solo)) / len(solo),
+                   "tandem_jargon_rate": sum(map(has_jargon, pair)) / len(pair),
+                   "weak_nll": nll, "mean_tokens": sum(r.mask.sum().item() for _, r in solo_batches) / len(problems)}
         if curve:
-            result["curve"] = [{"handoff_prob": p, "accuracy": accuracy(at(p)[0])} for p in curve]
+            result["curve"] = [dict(zip(["handoff_prob", "accuracy", "ci"], [p, *accuracy(at(p)[0])])) for p in curve]
     return result
+
+
+def wilson(k, n, z=1.96):
+    """The 95% Wilson score interval of a success rate k / n."""
+    centre, half = k + z * z / 2, z * math.sqrt(k * (n - k) / n + z * z / 4)
+    return [(centre - half) / (n + z * z), (centre + half) / (n + z * z)]
 
 
 # -----------------------------------------------------------------------------
@@ -431,7 +432,8 @@ def parse_args(argv=None):
     p.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads")
     # The handoffs
     p.add_argument("--handoff-prob", type=number(float, 0, 1), default=0.5, help="chance the weak model samples a token (paper: 0.5; 0: plain RL)")
-    p.add_argument("--handoff-unit", default="token", choices=["token", "word"], help="token: a coin per token (paper); word: owners change only at word starts")
+    p.add_argument("--handoff-unit", default="token", choices=["token", "word"], help="token: a new author for every token (paper); word: at word starts (follow-up)")
+    p.add_argument("--max-gap", type=number(int, 1), default=32, help="by word: draw a new author after this many tokens without a word start (follow-up: 32)")
     # RL
     p.add_argument("--steps", type=number(int, 1), default=100, help="RL updates (the paper sees the jargon go in about 20)")
     p.add_argument("--batch-size", type=number(int, 1), default=32, help="prompts per RL update")
@@ -439,7 +441,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="longest solution sampled (paper: 256)")
     p.add_argument("--temperature", type=number(float, 0), default=0.7, help="sampling temperature of the rollouts (paper: 0.7; 0: greedy)")
     p.add_argument("--baseline", default="loo", choices=["loo", "mean", "none"], help="loo: mean reward of the prompt's other samples; mean: of all; none: 0")
-    p.add_argument("--weak-token-weight", type=number(float, 0), default=0.0, help="weight of the weak model's tokens in the loss (0: context, not actions)")
+    p.add_argument("--weak-token-weight", type=number(float, 0), default=0.0, help="weight of the weak model's tokens in the loss (0: context; follow-up code's junior_token_loss_weight)")
     p.add_argument("--lr", type=number(float, 0), default=1e-5, help="AdamW learning rate of the RL updates")
     p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip each update's gradient norm to this")
     p.add_argument("--micro-batch-size", type=number(int, 1), default=16, help="rollouts per forward/backward of the gradient pass (memory)")
@@ -495,7 +497,7 @@ def main(argv=None):
             if rank == 0:
                 save_model(model, tokenizer, sft_path[role])
     weak.requires_grad_(False)
-    word_starts = word_start_mask(tokenizer, device) if args.handoff_unit == "word" else None
+    handoff = handoff_rule(args, tokenizer, device)
 
     # RL. The rollouts and the gradient pass both run in eval mode: with dropout on, the gradient
     # would be taken under another policy than the one that sampled.
@@ -506,7 +508,7 @@ def main(argv=None):
 
     def evaluation(step):  # every process evaluates (the same problems, the same result): none waits on another
         result = evaluate(strong, weak, tokenizer, test, args.handoff_prob, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size * args.samples_per_prompt,
-                          seed=args.seed, amp=amp, word_starts=word_starts, weak_prefix=weak_prefix)
+                          seed=args.seed, amp=amp, handoff=handoff, weak_prefix=weak_prefix)
         print(f"eval at step {step} | strong {result['strong_accuracy']:.3f} | tandem {result['tandem_accuracy']:.3f} | "
               f"jargon {result['jargon_rate']:.2f} | weak NLL {result['weak_nll']:.3f}", flush=True)
         log({"step": step, "kind": "eval"} | result)
@@ -516,7 +518,7 @@ def main(argv=None):
     for step in range(last_step + 1, args.steps + 1):
         t0 = time.time()
         batch = rng.sample(train, min(args.batch_size, len(train)))[rank::world_size]
-        metrics = rl_step(strong, weak, tokenizer, optimizer, batch, args, amp, word_starts, weak_prefix)
+        metrics = rl_step(strong, weak, tokenizer, optimizer, batch, args, amp, handoff, weak_prefix)
         log({"step": step, "kind": "train"} | metrics | {"seconds": time.time() - t0})
         print(f"step {step}/{args.steps} | reward {metrics['reward']:.3f} | jargon {metrics['jargon_rate']:.2f} | "
               f"weak {metrics['weak_frac']:.2f} | loss {metrics['loss']:+.4f} | {time.time() - t0:.1f}s"
@@ -578,7 +580,15 @@ def load_model(name, device, trust_remote_code=False, what=AutoModelForCausalLM)
     with user_input(f"cannot load model {name!r}{' (offline: a hub name needs a network)' if offline else ''}", Exception):
         if what is AutoTokenizer:
             return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code).to(device).eval()
+    # The decoder and the loss take logits from the output layer (head); a model that rescales them after it
+    # (Gemma 2's soft-capping, Cohere's logit_scale) would be trained on logits it never gives.
+    ids = torch.arange(1, 9, device=device)[None]
+    with torch.no_grad():
+        if not torch.allclose(model(ids).logits, head(model)(body(model)(ids).last_hidden_state), atol=1e-4):
+            raise UsageError(f"model {name!r} rescales its logits after its output layer, which tandem.py does not "
+                             "support (it takes logits from the output layer): choose another family")
+    return model
 
 
 def load_pair(strong_name, weak_name, device, trust_remote_code=False):

@@ -59,46 +59,68 @@ def toy_problems(n, seed=0):
 # Tiny models
 
 
-def make_tokenizer(corpus=None, vocab_size=320):
-    """A byte-level BPE tokenizer trained here, like GPT-2's but with `vocab_size` tokens."""
+def make_tokenizer(corpus=None, vocab_size=320, eos="<|endoftext|>"):
+    """A byte-level BPE tokenizer trained here, like GPT-2's (or with eos "<|im_end|>", Qwen's) but with
+    `vocab_size` tokens. Its end token is also its padding."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     if corpus is None:
         corpus = [tandem.format_prompt(p["question"]) + " " + p["answer"] for p in toy_problems(200) + GSM8K_SAMPLES]
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
     fast.padding_side = "left"
     return fast
 
 
-def make_model(path, tokenizer, n_layer, seed, vocab_size=None, n_embd=48, n_head=2):
-    """A randomly initialised GPT-2, saved to `path` (with the tokenizer) unless path is None."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def make_model(path, tokenizer, n_layer, seed, vocab_size=None, n_embd=48, n_head=2, family="gpt2"):
+    """A randomly initialised GPT-2 (absolute positions) or Llama (rotary positions, grouped-query attention:
+    4 query heads share 2 key/value heads), saved to `path` with the tokenizer unless path is None."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    eos = tokenizer.eos_token_id
-    config = GPT2Config(vocab_size=vocab_size or len(tokenizer), n_positions=128, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    model = GPT2LMHeadModel(config).eval()
+    ids = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=n_embd, intermediate_size=2 * n_embd,
+                                             num_hidden_layers=n_layer, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=128, **ids)).eval()
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size or len(tokenizer), n_positions=128, n_embd=n_embd,
+                                           n_layer=n_layer, n_head=n_head, **ids)).eval()
     if path is not None:
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return model
 
 
+def make_pair(root, family="gpt2"):
+    """A strong (2 layers) and a weak (1 layer) model of one family, saved in root/strong and root/weak."""
+    tok = make_tokenizer(eos="<|im_end|>" if family == "llama" else "<|endoftext|>")
+    strong = make_model(root / "strong", tok, n_layer=2, seed=1, family=family)
+    weak = make_model(root / "weak", tok, n_layer=1, seed=2, family=family)
+    return Namespace(root=root, tok=tok, strong=strong, weak=weak, family=family)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    tok = make_tokenizer()
-    strong = make_model(root / "strong", tok, n_layer=2, seed=1)
-    weak = make_model(root / "weak", tok, n_layer=1, seed=2)
-    return Namespace(root=root, tok=tok, strong=strong, weak=weak)
+    return make_pair(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module", params=["tiny", "llama"])
+def pair(request):
+    """Each family's tiny pair: GPT-2 (absolute positions, <|endoftext|>) and Llama (rotary positions,
+    grouped-query attention, <|im_end|> ending text and padding it)."""
+    return request.getfixturevalue(request.param)
 
 
 def left_padded(tok, texts):
@@ -194,7 +216,8 @@ def hf_greedy(model, ids, attn, n, eos):
 
 
 @pytest.mark.parametrize("handoff_prob", [0.0, 1.0])
-def test_decoder_equals_generate_at_handoff_0_and_1(tiny, handoff_prob):
+def test_decoder_equals_generate_at_handoff_0_and_1(pair, handoff_prob):
+    tiny = pair
     prompts = left_padded(tiny.tok, PROMPTS)
     ids, attn = prompts["strong"]
     assert (attn == 0).any()  # prompts of different lengths: some rows are padded
@@ -212,7 +235,8 @@ def test_decoder_equals_generate_at_handoff_0_and_1(tiny, handoff_prob):
         assert keep[:n].all() and not keep[n:].any()
 
 
-def test_decoder_tokens_are_their_owners_argmax_uncached(tiny):
+def test_decoder_tokens_are_their_owners_argmax_uncached(pair):
+    tiny = pair
     torch.manual_seed(0)
     prompts = left_padded(tiny.tok, PROMPTS)
     got = tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 20, 0.0, tiny.tok.eos_token_id)
@@ -319,22 +343,52 @@ def test_bfloat16_autocast_decodes_and_learns_like_float32(tiny):
     assert abs(grads[1].norm() / grads[0].norm() - 1) < 0.01
 
 
-def test_word_handoffs_change_owners_only_at_word_starts(tiny):
-    word_starts = tandem.word_start_mask(tiny.tok, "cpu")
-    assert word_starts[tiny.tok(" plus")["input_ids"][0]] and not word_starts[tiny.tok("plus")["input_ids"][0]]
+def test_word_boundaries_are_the_tokens_that_begin_with_the_space_marker(tiny):
+    boundaries = tandem.handoff_rule(Namespace(handoff_unit="word", max_gap=32), tiny.tok, "cpu")["boundaries"]
+    surfaces = tiny.tok.convert_ids_to_tokens(list(range(len(tiny.tok))))
+    assert boundaries.tolist() == [s.startswith("Ġ") for s in surfaces]  # as the follow-up's code builds them
+    texts = tiny.tok.batch_decode([[i] for i in range(len(tiny.tok))])
+    assert boundaries.tolist() == [t.startswith(" ") for t in texts]  # in byte-level BPE: text that begins with a space
+    plus, bare, newline = (tiny.tok(t)["input_ids"][0] for t in [" plus", "plus", "\n"])
+    assert boundaries[plus] and not boundaries[bare] and not boundaries[newline]
+    assert tandem.handoff_rule(Namespace(handoff_unit="token", max_gap=32), tiny.tok, "cpu") == {"max_gap": 1}
+
+
+def test_word_handoffs_follow_the_follow_up_codes_rule(tiny, monkeypatch):
+    """The author of the next token is drawn again right after a boundary token, or when max_gap tokens
+    have passed since the last draw, and at no other point (the counter restarts at every draw). Every
+    author samples from its whole distribution: the strong model's log-probs in the gradient pass are
+    exactly those it sampled from."""
+    boundaries = torch.rand(len(tiny.tok), generator=torch.Generator().manual_seed(0)) < 0.2  # a known set
+    sampled = []  # the logits each step sampled from: each row's author's
+    sample = tandem.sample
+    monkeypatch.setattr(tandem, "sample", lambda logits, temperature: sampled.append(logits) or sample(logits, temperature))
     prompts = left_padded(tiny.tok, PROMPTS * 4)
     torch.manual_seed(0)
-    got = tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 40, 1.5, tiny.tok.eos_token_id, len(tiny.tok), word_starts)
-    both = got.mask[:, 1:] & got.mask[:, :-1]
-    changes = both & (got.from_weak[:, 1:] != got.from_weak[:, :-1])
-    assert changes.sum() >= 10 and (both & ~changes).sum() >= 10  # owners do change, and do stay
-    assert word_starts[got.tokens[:, 1:][changes]].all()
-    # By token, owners change at non-word-starts too: the check above would catch a missing rule.
+    got = tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 40, 1.5, -1, len(tiny.tok), max_gap=4, boundaries=boundaries)
+    changes = {"boundary": 0, "gap": 0}
+    for row in range(len(got.tokens)):
+        since_draw = 0
+        for t in range(1, got.tokens.shape[1]):
+            since_draw += 1
+            draw = "boundary" if boundaries[got.tokens[row, t - 1]] else "gap" if since_draw == 4 else None
+            changed = bool(got.from_weak[row, t] != got.from_weak[row, t - 1])
+            assert draw or not changed, (row, t)
+            if draw:
+                since_draw, changes[draw] = 0, changes[draw] + changed
+    assert min(changes.values()) >= 5  # both kinds of draw do hand off
+    own = got.mask & ~got.from_weak
+    logp = completion_logprobs(tiny.strong, prompts["strong"], got.tokens, got.mask, 1.5)
+    at_sampling = torch.stack(sampled, 1).div(1.5).log_softmax(-1).gather(-1, got.tokens[..., None]).squeeze(-1)
+    assert own.sum() > 50 and torch.allclose(logp[own], at_sampling[own], atol=1e-5)
+    # The same decoding by token hands off far more often: the `handoffs` metric tells them apart.
     torch.manual_seed(0)
-    by_token = tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 40, 1.5, tiny.tok.eos_token_id, len(tiny.tok))
-    both = by_token.mask[:, 1:] & by_token.mask[:, :-1]
-    changes = both & (by_token.from_weak[:, 1:] != by_token.from_weak[:, :-1])
-    assert not word_starts[by_token.tokens[:, 1:][changes]].all()
+    by_token = tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 40, 1.5, -1, len(tiny.tok))
+    assert switches(by_token) > 1.5 * switches(got)
+
+
+def switches(rollout):
+    return ((rollout.from_weak[:, 1:] != rollout.from_weak[:, :-1]) & rollout.mask[:, 1:]).sum()
 
 
 # -----------------------------------------------------------------------------
@@ -380,9 +434,10 @@ def test_gradient_is_zero_when_rewards_equal_the_baseline(tiny):
     assert grads(tiny.strong).abs().max() == 0
 
 
-def test_gradient_counts_only_the_strong_models_own_tokens(tiny):
+def test_gradient_counts_only_the_strong_models_own_tokens(pair):
     """The accumulated gradient equals a direct computation: one uncached forward per rollout, summing
     log p over the strong model's tokens (eos included; weak tokens and padding excluded)."""
+    tiny = pair
     prompt, roll = rollout_for_loss(tiny)
     advantages = torch.tensor([1.0, -0.5, 0.25, 2.0])
     got = gradient_of(tiny.strong, prompt, roll, advantages, 0.7, micro_batch_size=3)
@@ -448,6 +503,18 @@ def test_weak_tokens_get_no_gradient(tiny):
     assert loss == 0 and grads(tiny.strong).abs().max() == 0
 
 
+def test_a_model_that_rescales_its_logits_is_refused(tiny, tmp_path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    eos = tiny.tok.eos_token_id
+    config = Gemma2Config(vocab_size=len(tiny.tok), hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=12, final_logit_softcapping=1.0, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma2")
+    tiny.tok.save_pretrained(tmp_path / "gemma2")
+    with pytest.raises(tandem.UsageError, match="rescales its logits after its output layer"):
+        tandem.load_pair(str(tmp_path / "gemma2"), str(tiny.root / "weak"), "cpu")
+
+
 def test_tokenizers_must_match_before_any_weights_load(tiny, tmp_path):
     other = make_tokenizer()
     other.add_tokens(["<<jargon>>"])
@@ -507,8 +574,8 @@ def test_cli_end_to_end(tiny, tmp_path):
     assert all({"strong_accuracy", "tandem_accuracy", "jargon_rate"} <= r.keys() for r in evals)
     assert json.loads((out / "eval.json").read_text())["n"] == 8
     for r in rows:
-        assert {"reward", "jargon_rate", "weak_frac", "loss", "seconds"} <= r.keys()
-        assert 0 <= r["reward"] <= 1 and 0 <= r["jargon_rate"] <= 1 and 0 < r["weak_frac"] < 1
+        assert {"reward", "jargon_rate", "weak_frac", "handoffs", "loss", "seconds"} <= r.keys()
+        assert 0 <= r["reward"] <= 1 and 0 <= r["jargon_rate"] <= 1 and 0 < r["weak_frac"] < 1 and r["handoffs"] > 0
     assert any(r["reward"] > 0 for r in rows)
     assert json.loads((out / "config.json").read_text())["handoff_prob"] == 0.5
     final = tandem.AutoModelForCausalLM.from_pretrained(out / "final")
@@ -524,6 +591,24 @@ def test_cli_end_to_end(tiny, tmp_path):
                          "--weak-prompt", str(tmp_path / "prefix.txt"), "--weak-token-weight", "0.1")
     assert "no checkpoint" in printed and "sft strong step" not in printed and "step 2/2" in printed
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2, 2]
+
+
+def test_cli_trains_a_llama_pair(llama, tmp_path):
+    """The whole script on a Llama-architecture pair whose tokenizer ends text with <|im_end|>: the
+    warm-start, two RL updates with word handoffs, evaluations, and a final/ that plain transformers loads."""
+    data, out = write_data(tmp_path / "gsm8k", n_train=50, n_test=4), tmp_path / "run"
+    run = subprocess.run([sys.executable, str(HERE / "tandem.py"), "--strong", str(llama.root / "strong"), "--weak",
+                          str(llama.root / "weak"), "--data", str(data), "--out", str(out), "--sft-steps", "10",
+                          "--steps", "2", "--batch-size", "4", "--max-new-tokens", "12", "--eval-every", "2",
+                          "--eval-limit", "4", "--handoff-unit", "word", "--device", "cpu"],
+                         capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2, 2]
+    final = tandem.AutoModelForCausalLM.from_pretrained(out / "final")
+    assert type(final).__name__ == "LlamaForCausalLM" and final.config.num_key_value_heads == 2
+    assert tandem.AutoTokenizer.from_pretrained(out / "final").eos_token == "<|im_end|>"
+    warm = tandem.AutoModelForCausalLM.from_pretrained(out / "sft" / "strong").state_dict()
+    assert any(not torch.equal(v, llama.strong.state_dict()[k]) for k, v in warm.items())  # the warm-start trained it
 
 
 # -----------------------------------------------------------------------------
@@ -873,6 +958,10 @@ def test_evaluate_keys_and_ranges(tiny):
     for key in ["strong_accuracy", "weak_accuracy", "tandem_accuracy", "jargon_rate", "tandem_jargon_rate",
                 "flexible_accuracy"]:
         assert 0 <= result[key] <= 1, key
+    for key in ["strong", "weak", "tandem", "flexible"]:  # every accuracy has its 95% interval
+        low, high = result[f"{key}_accuracy_ci"]
+        assert 0 <= low <= result[f"{key}_accuracy"] <= high <= 1 and high - low > 0.2  # wide on 6 problems
+    assert all(c["ci"][0] <= c["accuracy"] <= c["ci"][1] for c in result["curve"])
     assert result["weak_nll"] > 0 and 0 < result["mean_tokens"] <= 12
     assert [c["handoff_prob"] for c in result["curve"]] == [0.0, 0.5, 1.0]
     assert result["curve"][0]["accuracy"] == result["strong_accuracy"]
@@ -926,6 +1015,16 @@ def test_eval_cli_writes_json(tiny, tmp_path):
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["n"] == 4 and {"strong_accuracy", "weak_accuracy", "tandem_accuracy", "weak_nll", "curve"} <= result.keys()
     assert "strong alone" in run.stdout and "[tandem, weak tokens in {}]" in run.stdout
+    low, high = result["strong_accuracy_ci"]
+    assert f"{result['strong_accuracy']:.3f}  [{low:.3f}, {high:.3f}]" in run.stdout  # the table shows the interval
+
+
+def test_wilson_interval():
+    for (k, n), expected in [((5, 10), [0.2366, 0.7634]), ((0, 10), [0.0, 0.2775]), ((10, 10), [0.7225, 1.0])]:
+        assert all(abs(a - b) < 1e-4 for a, b in zip(tandem.wilson(k, n), expected)), (k, n)  # published values
+    for k, n in [(41, 100), (3, 200), (150, 200)]:  # by its definition: the ends are where a score test at z = 1.96 just fails
+        for p in tandem.wilson(k, n):
+            assert abs((k / n - p) ** 2 - 1.96 ** 2 * p * (1 - p) / n) < 1e-12
 
 
 def test_bench_parts_run_on_tiny_models(tiny):
