@@ -8,7 +8,10 @@ at several handoff probabilities. --bench times the decoder and an RL step inste
     python eval.py --bench --random-init --device cpu --batch-size 8 --max-new-tokens 64
 """
 
+import json
+import math
 import os
+import re
 import sys
 import time
 
@@ -53,6 +56,21 @@ def parse_args(argv=None):
     return args
 
 
+NUMBER = re.compile(r"(-?)\$?([\d,]*\.?\d+)")
+
+
+def flexible_answer(text):
+    """The last number in the text (lm-evaluation-harness's "flexible extract"), normalised."""
+    numbers = NUMBER.findall(text)
+    return tandem.normalize_number(*numbers[-1]) if numbers else None
+
+
+def wilson(k, n, z=1.96):
+    """The 95% Wilson score interval of a success rate k / n."""
+    centre, half = k + z * z / 2, z * math.sqrt(k * (n - k) / n + z * z / 4)
+    return [(centre - half) / (n + z * z), (centre + half) / (n + z * z)]
+
+
 def curve(text):
     return [number(float, 0, 1)(x) for x in text.split(",")]
 
@@ -94,25 +112,23 @@ def main(argv=None):
     args = parse_args(argv)
     if args.bench:
         return bench(args)
-    device = tandem.pick_device(args.device)
+    device, amp = tandem.pick_device(args.device, args.dtype)
     problems = tandem.load_gsm8k(args.split, args.data)[:args.limit]
     weak_prefix = tandem.read_text(args.weak_prompt) if args.weak_prompt else None
     tokenizer, strong, weak = tandem.load_pair(args.strong, args.weak, device, args.trust_remote_code)
     tandem.check_fits(strong, weak, tokenizer, problems, args.max_new_tokens, weak_prefix)
-
-    # Progress on stderr when there is more than one batch: one line rewritten in a terminal, a line per
-    # batch in a log file.
-    tty, long_run = sys.stderr.isatty(), len(problems) > args.batch_size
-
-    def show(msg):
-        print(f"\r{msg}   " if tty else msg, end="" if tty else "\n", file=sys.stderr, flush=True)
-
-    t0, runs = time.time(), {}
+    handoffs = ", ".join(f"{p:g}" for p in dict.fromkeys([0, args.handoff_prob, 1, *args.curve]))
+    print(f"decoding {len(problems)} problems at handoff {handoffs} ...", file=sys.stderr, flush=True)
+    t0, runs, n = time.time(), {}, len(problems)
     result = tandem.evaluate(strong, weak, tokenizer, problems, args.handoff_prob, args.curve, args.max_new_tokens,
-                             args.temperature, args.batch_size, args.seed, tandem.autocast(device, args.dtype),
-                             show if long_run else None, runs, tandem.handoff_rule(args, tokenizer, device), weak_prefix)
-    if long_run and tty:
-        print(file=sys.stderr)
+                             args.temperature, args.batch_size, args.seed, amp, runs,
+                             tandem.handoff_rule(args, tokenizer, device), weak_prefix)
+    flexible = [flexible_answer(t) == tandem.gold_answer(p["answer"]) for t, p in zip(runs[0.0][0], problems)]
+    result["flexible_accuracy"] = sum(flexible) / n
+    for key in ["strong", "weak", "tandem", "flexible"]:  # every accuracy with its 95% interval
+        result[f"{key}_accuracy_ci"] = wilson(round(result[f"{key}_accuracy"] * n), n)
+    for c in result.get("curve", []):
+        c["ci"] = wilson(round(c["accuracy"] * n), n)
     print(report(result, args))
     print(f"({time.time() - t0:.1f}s)")
     for i in range(min(args.examples, len(problems))):
@@ -122,7 +138,8 @@ def main(argv=None):
             rollout = runs[p][1][b][1]
             print(f"[{name}]\n{marked(tokenizer, rollout.tokens[r], rollout.from_weak[r], rollout.mask[r]).strip()}")
     if args.json:
-        tandem.save_json(args.json, result)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 # -----------------------------------------------------------------------------
@@ -176,9 +193,10 @@ def bench_decoding(strong, weak, prompts, new_tokens, temperature, repeats, amp)
         "HF generate, strong": lambda: strong.generate(ids, attention_mask=attn, generation_config=config),
         "HF generate, weak": lambda: weak.generate(ids, attention_mask=attn, generation_config=config),
     }
-    for p in (0.0, 0.5, 1.0):  # eos -1: no token is -1, so no row ends early
-        runs[f"tandem_generate, handoff {p:g}"] = (
-            lambda p=p: tandem.tandem_generate(strong, weak, prompts, p, new_tokens, temperature, -1, vocab))
+    for p, shared in [(0.0, False), (0.5, False), (0.5, True), (1.0, False)]:  # eos -1: no token is -1, so no row ends early
+        runs[f"tandem, handoff {p:g}{', batch coins' if shared else ''}"] = (
+            lambda p=p, shared=shared: tandem.tandem_generate(strong, weak, prompts, p, new_tokens, temperature, -1, vocab,
+                                                              shared_coins=shared))
     times = {name: [] for name in runs}
     for r in range(repeats + 1):  # the first round warms up and is not counted
         for name, run in runs.items():
@@ -215,9 +233,8 @@ def peak_memory(device):
 
 def bench_setup(args):
     """The device, the autocast context and the two models, as training would use them."""
-    device = tandem.pick_device(args.device)
-    strong, weak = bench_model(args.strong, device, args), bench_model(args.weak, device, args)
-    return device, tandem.autocast(device, args.dtype), strong, weak
+    device, amp = tandem.pick_device(args.device, args.dtype)
+    return device, amp, bench_model(args.strong, device, args), bench_model(args.weak, device, args)
 
 
 def rl_step_cost(args, micro_batch_size, batch_size):
@@ -260,13 +277,10 @@ def bench(args):
           f"{'float32' if isinstance(amp, tandem.nullcontext) else 'bfloat16 autocast'}, median of {args.repeats}", flush=True)
     t = bench_decoding(strong, weak, prompts, n, BENCH_TEMPERATURE, args.repeats, amp)
     strong_s, weak_s = t["HF generate, strong"], t["HF generate, weak"]
-    against = {"tandem_generate, handoff 0": (strong_s, "strong's generate"),
-               "tandem_generate, handoff 0.5": (strong_s + weak_s, "sum of both generates"),
-               "tandem_generate, handoff 1": (weak_s, "weak's generate")}
-    print(f"\n{'decoding':32}{'seconds':>9}{'tokens/s':>10}   ratio")
+    print(f"\n{'decoding':32}{'seconds':>9}{'tokens/s':>10}   ratio to generate: strong's, weak's, both's")
     for name, seconds in t.items():
-        ratio = f"{seconds / against[name][0]:.3f} x {against[name][1]}" if name in against else ""
-        print(f"{name:32}{seconds:9.2f}{B * n / seconds:10.1f}   {ratio}")
+        ratios = "".join(f"{seconds / base:8.3f}" for base in (strong_s, weak_s, strong_s + weak_s))
+        print(f"{name:32}{seconds:9.2f}{B * n / seconds:10.1f}   {ratios if name.startswith('tandem') else ''}")
     del strong, weak  # the RL steps below run in fresh processes
 
     # Peak memory must grow with the micro-batch, not with the batch.

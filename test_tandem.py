@@ -1,14 +1,14 @@
-"""Tests of the tandem training core, offline, on tiny GPT-2 models built here.
+"""Tests of tandem.py and eval.py, offline, on tiny GPT-2 and Llama models built here, grouped under
+tandem.py's banners in its order.
 
-    pytest            # the whole suite
-    pytest -s -k learn  # also show the figures the learning tests print
+    pytest                            # the whole suite
+    pytest -s -k jargon_and_plain     # the toy world and the table it prints (TANDEM_TOY_SEED=1 for another seed)
 """
 
 import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import eval as evaluation  # noqa: E402
+from transformers import GPT2Config  # noqa: E402
 import tandem  # noqa: E402
 from tandem import (  # noqa: E402
     Rollout, baseline, completion_logprobs, extract_answer, has_jargon, load_gsm8k, policy_gradient, position_ids,
@@ -56,7 +57,7 @@ def toy_problems(n, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# Tiny models
+# Tiny models, and toy problems in GSM8K's format
 
 
 def make_tokenizer(corpus=None, vocab_size=320, eos="<|endoftext|>"):
@@ -123,6 +124,19 @@ def pair(request):
     return request.getfixturevalue(request.param)
 
 
+@pytest.fixture(scope="module")
+def warm(tiny, tmp_path_factory):
+    """The tiny GPT-2 pair after a short warm-start on single-digit sums (the strong one with annotations),
+    saved: RL from here sees some reward within a few updates."""
+    root = tmp_path_factory.mktemp("warm")
+    for role, n_layer, seed, jargon_frac in [("strong", 2, 1, 1.0), ("weak", 1, 2, 0.0)]:
+        model = make_model(None, tiny.tok, n_layer, seed)
+        tandem.sft(model, tiny.tok, toy_problems(200), steps=150, batch_size=16, lr=3e-3, jargon_frac=jargon_frac, seed=0)
+        model.save_pretrained(root / role)
+        tiny.tok.save_pretrained(root / role)
+    return root
+
+
 def left_padded(tok, texts):
     """{"strong": (ids, mask), "weak": the same}: left-padded prompts, as encode_prompts gives them."""
     enc = tok(texts, return_tensors="pt", padding=True)
@@ -134,8 +148,27 @@ PROMPTS = ["Question: What is 2 plus 3?\nAnswer:", "Question: 7?\nAnswer:",
            "Question: What is 9 plus 9? Think.\nAnswer: 9", "Q"]
 
 
+def write_data(folder, n_train=200, n_test=20):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in [("train", n_train, 0), ("test", n_test, 1)]:
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(p) for p in toy_problems(n, seed)) + "\n")
+    return folder
+
+
+def three_term_sums(n, seed):
+    """'a+b+c?' solved in two annotated steps, as GSM8K writes its solutions."""
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(n):
+        a, b, c = (rng.randint(0, 9) for _ in range(3))
+        ab, s = a + b, a + b + c
+        problems.append({"question": f"{a}+{b}+{c}?",
+                         "answer": f"{a}+{b}=<<{a}+{b}={ab}>>{ab}\n{ab}+{c}=<<{ab}+{c}={s}>>{s}\n#### {s}"})
+    return problems
+
+
 # -----------------------------------------------------------------------------
-# Reward
+# Data and reward
 
 
 def test_extract_answer_formats():
@@ -190,10 +223,6 @@ def test_jargon():
     assert strip_jargon("no annotations") == "no annotations"
 
 
-# -----------------------------------------------------------------------------
-# Data
-
-
 def test_load_gsm8k_local(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(p) for p in GSM8K_SAMPLES) + "\n")
     assert load_gsm8k("train", str(tmp_path)) == GSM8K_SAMPLES
@@ -206,7 +235,7 @@ def test_load_gsm8k_local(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Tandem decoding
+# The tandem decoder
 
 
 def hf_greedy(model, ids, attn, n, eos):
@@ -235,11 +264,12 @@ def test_decoder_equals_generate_at_handoff_0_and_1(pair, handoff_prob):
         assert keep[:n].all() and not keep[n:].any()
 
 
-def test_decoder_tokens_are_their_owners_argmax_uncached(pair):
+@pytest.mark.parametrize("shared_coins", [False, True])
+def test_decoder_tokens_are_their_owners_argmax_uncached(pair, shared_coins):
     tiny = pair
     torch.manual_seed(0)
     prompts = left_padded(tiny.tok, PROMPTS)
-    got = tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 20, 0.0, tiny.tok.eos_token_id)
+    got = tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 20, 0.0, tiny.tok.eos_token_id, shared_coins=shared_coins)
     assert got.from_weak.any() and (~got.from_weak).any()
     seq, seq_attn = prompts["strong"]
     for t in range(got.tokens.shape[1]):
@@ -250,6 +280,52 @@ def test_decoder_tokens_are_their_owners_argmax_uncached(pair):
         assert torch.equal(got.tokens[got.mask[:, t], t], owner_argmax[got.mask[:, t]]), f"step {t}"
         seq = torch.cat([seq, got.tokens[:, t:t + 1]], 1)
         seq_attn = torch.cat([seq_attn, torch.ones_like(seq_attn[:, :1])], 1)
+
+
+def test_reading_k_tokens_in_one_call_equals_reading_them_one_at_a_time(pair):
+    """How a model catches up in tandem_generate: the tokens written since it last wrote go through its
+    static KV cache in one forward pass, with left-padded rows of different lengths."""
+    tiny = pair
+    ids, attn = left_padded(tiny.tok, PROMPTS)["strong"]
+    new = torch.randint(len(tiny.tok), (len(PROMPTS), 5), generator=torch.Generator().manual_seed(0))
+    full_attn = torch.cat([attn, torch.ones_like(new)], 1)
+    seq, positions = torch.cat([ids, new], 1), position_ids(full_attn)
+
+    def run(splits):  # the prompt, then the new tokens in pieces of these sizes; the logits of every new token
+        cache, logits, at = tandem.StaticCache(config=tiny.strong.config, max_cache_len=seq.shape[1]), [], 0
+        for size in [ids.shape[1], *splits]:
+            with torch.no_grad():
+                out = tiny.strong.base_model(seq[:, at:at + size], attention_mask=full_attn, position_ids=positions[:, at:at + size],
+                                               cache=cache, use_cache=True)
+            logits.append(tiny.strong.get_output_embeddings()(out.last_hidden_state))
+            at += size
+        return torch.cat(logits, 1)[:, ids.shape[1] - 1:-1]
+
+    one_at_a_time, in_pieces = run([1] * 5), run([2, 3])
+    with torch.no_grad():
+        uncached = tiny.strong(seq, attention_mask=full_attn, position_ids=positions).logits[:, ids.shape[1] - 1:-1]
+    assert torch.allclose(in_pieces, one_at_a_time, atol=1e-5) and torch.allclose(in_pieces, uncached, atol=1e-5)
+
+
+def test_shared_coins_run_one_model_per_step(tiny):
+    """With one coin per step for the batch, every step has one author for all rows, so only that model
+    runs; with a coin per row, both do. Each rollout's authors are still a coin per token."""
+    prompts = left_padded(tiny.tok, PROMPTS * 4)
+    runs = {name: 0 for name in ["strong", "weak"]}
+    hooks = [m.base_model.register_forward_hook(lambda *_, n=n: runs.__setitem__(n, runs[n] + 1))
+             for n, m in [("strong", tiny.strong), ("weak", tiny.weak)]]
+    try:
+        for shared, expected in [(True, 1), (False, 2)]:
+            runs.update(strong=0, weak=0)
+            torch.manual_seed(0)
+            got = tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 30, 1.0, -1, shared_coins=shared)
+            steps = got.tokens.shape[1]
+            assert runs["strong"] + runs["weak"] == pytest.approx(expected * steps, abs=3)  # by row, a step may have one author
+            same = (got.from_weak == got.from_weak[:1]).all(0)
+            assert same.all() == shared and 0.3 < got.from_weak.float().mean() < 0.7
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_decoder_samples_only_real_tokens_from_padded_output_layers(tiny, tmp_path):
@@ -277,7 +353,7 @@ def decode_recording_logits(tiny, *args, amp=tandem.nullcontext(), **kwargs):
     model's output layer produced in it, in order: {"strong": [...], "weak": [...]}."""
     models = {"strong": tiny.strong, "weak": tiny.weak}
     logits = {name: [] for name in models}
-    hooks = [tandem.head(model).register_forward_hook(lambda _, __, out, name=name: logits[name].append(out))
+    hooks = [model.get_output_embeddings().register_forward_hook(lambda _, __, out, name=name: logits[name].append(out))
              for name, model in models.items()]
     try:
         with amp:
@@ -288,24 +364,24 @@ def decode_recording_logits(tiny, *args, amp=tandem.nullcontext(), **kwargs):
 
 
 def assert_logits_are_uncached(tiny, prompts, got, logits, atol, amp=tandem.nullcontext()):
-    """Each model's recorded logits equal an uncached forward over its prompt (prompts[name] =
-    (ids, mask)) and the tokens so far, on the rows that model owned at that step. Needs rollouts in
-    which no row ended early."""
+    """A model runs only at the steps where it writes a token of some row, and there its logits equal an
+    uncached forward over its prompt (prompts[name] = (ids, mask)) and the tokens so far, on the rows it
+    writes. Needs rollouts in which no row ended early."""
     assert got.mask.all()  # so from_weak names every step's owners
     models = {"strong": tiny.strong, "weak": tiny.weak}
-    checked = {name: 0 for name in models}
+    calls = {name: 0 for name in models}
     for t in range(got.tokens.shape[1]):
         for name, (s, a) in prompts.items():
             rows = got.from_weak[:, t] if name == "weak" else ~got.from_weak[:, t]
             if rows.any():
                 with torch.no_grad(), amp:
                     uncached = models[name](s, attention_mask=a, position_ids=position_ids(a)).logits[rows, -1]
-                recorded = logits[name][t][rows]
+                recorded = logits[name][calls[name]][rows]
                 assert torch.allclose(recorded.float(), uncached.float(), atol=atol), f"{name} at step {t}"
-                checked[name] += 1
+                calls[name] += 1
         prompts = {name: (torch.cat([s, got.tokens[:, t:t + 1]], 1), torch.cat([a, torch.ones_like(a[:, :1])], 1))
                    for name, (s, a) in prompts.items()}
-    assert min(checked.values()) > 5
+    assert calls == {name: len(recorded) for name, recorded in logits.items()} and min(calls.values()) > 5
 
 
 def test_weak_prompt_is_read_by_the_weak_model_only(tiny):
@@ -323,7 +399,7 @@ def test_weak_prompt_is_read_by_the_weak_model_only(tiny):
 def test_bfloat16_autocast_decodes_and_learns_like_float32(tiny):
     """On CUDA the default is bf16 autocast over float32 weights. The same autocast on CPU runs the
     same code: the KV caches fill with bf16, and the log-probs are taken in float32."""
-    amp = tandem.autocast(torch.device("cpu"), "bfloat16")
+    _, amp = tandem.pick_device("cpu", "bfloat16")
     prompts = left_padded(tiny.tok, PROMPTS)
     torch.manual_seed(0)
     got, logits = decode_recording_logits(tiny, prompts, 0.5, 16, 1.0, tiny.tok.eos_token_id, amp=amp)
@@ -503,31 +579,19 @@ def test_weak_tokens_get_no_gradient(tiny):
     assert loss == 0 and grads(tiny.strong).abs().max() == 0
 
 
-def test_a_model_that_rescales_its_logits_is_refused(tiny, tmp_path):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    eos = tiny.tok.eos_token_id
-    config = Gemma2Config(vocab_size=len(tiny.tok), hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=12, final_logit_softcapping=1.0, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma2")
-    tiny.tok.save_pretrained(tmp_path / "gemma2")
-    with pytest.raises(tandem.UsageError, match="rescales its logits after its output layer"):
-        tandem.load_pair(str(tmp_path / "gemma2"), str(tiny.root / "weak"), "cpu")
-
-
-def test_tokenizers_must_match_before_any_weights_load(tiny, tmp_path):
-    other = make_tokenizer()
-    other.add_tokens(["<<jargon>>"])
-    other.save_pretrained(tmp_path / "other")
-    shutil.copy(tiny.root / "weak" / "config.json", tmp_path / "other")  # a model folder without weights
-    with pytest.raises(tandem.UsageError, match="tokenizers differ"):
-        tandem.load_pair(str(tiny.root / "strong"), str(tmp_path / "other"), "cpu")
-    tokenizer, strong, weak = tandem.load_pair(str(tiny.root / "strong"), str(tiny.root / "weak"), "cpu")
-    assert tokenizer.padding_side == "left" and tokenizer.pad_token == tokenizer.eos_token
-
-
-# -----------------------------------------------------------------------------
-# Learning, end to end
+def test_a_non_finite_gradient_skips_the_update(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(tandem, "reward", lambda completion, gold: 1.0)  # with no baseline: every advantage is 1
+    model = make_model(tmp_path / "m", tiny.tok, n_layer=1, seed=6)
+    model.transformer.h[0].mlp.c_fc.weight.register_hook(lambda grad: grad * float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    args = tandem.parse_args(["--handoff-prob", "0", "--max-new-tokens", "8", "--temperature", "1.0",
+                              "--baseline", "none"])
+    problems = [{"question": q, "answer": "#### 1"} for q in ["1?", "2?"]]
+    torch.manual_seed(0)
+    metrics = tandem.rl_step(model, model, tiny.tok, optimizer, problems, args)
+    assert metrics["skipped"] and metrics["loss"] != 0 and not optimizer.state  # AdamW never stepped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_reinforce_learns_a_learnable_task(tiny, tmp_path):
@@ -549,21 +613,95 @@ def test_reinforce_learns_a_learnable_task(tiny, tmp_path):
     assert first < 0.4 and last > 0.8
 
 
-def test_cli_end_to_end(tiny, tmp_path):
-    data = tmp_path / "gsm8k"
-    data.mkdir()
-    for split, n, seed in [("train", 200, 0), ("test", 20, 1)]:
-        (data / f"{split}.jsonl").write_text("\n".join(json.dumps(p) for p in toy_problems(n, seed)) + "\n")
-    out = tmp_path / "run"
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in model that writes the same text after every prompt, so its answers are known.
+    Its body's "hidden state" is already the logits, and its output layer is the identity."""
+
+    def __init__(self, tokenizer, text):
+        super().__init__()
+        self.script = torch.tensor(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
+        self.config = GPT2Config(n_layer=1)  # only for tandem_generate's cache, which it never fills
+        self.vocab_size = len(tokenizer)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
+
+    @property
+    def base_model(self):
+        return self
+
+    def get_output_embeddings(self):
+        return torch.nn.Identity()
+
+    def forward(self, input_ids, attention_mask, position_ids, **_):
+        if input_ids.shape[1] > 1:  # the prompt: remember where each row's completion starts
+            self.start = position_ids[:, -1:] + 1
+        k = (position_ids[:, -1:] + 1 - self.start).clamp(max=len(self.script) - 1)
+        logits = torch.full((input_ids.shape[0], 1, self.vocab_size), -30.0)
+        logits.scatter_(-1, self.script[k][..., None], 30.0)
+        return Namespace(last_hidden_state=logits)
+
+
+def test_evaluate_keys_and_ranges(tiny):
+    problems = toy_problems(6, seed=3)
+    result = tandem.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, curve=[0.0, 0.5, 1.0],
+                                 max_new_tokens=12, batch_size=4)
+    assert result["n"] == 6
+    for key in ["strong_accuracy", "weak_accuracy", "tandem_accuracy", "jargon_rate", "tandem_jargon_rate"]:
+        assert 0 <= result[key] <= 1, key
+    assert result["weak_nll"] > 0 and 0 < result["mean_tokens"] <= 12
+    assert [c["handoff_prob"] for c in result["curve"]] == [0.0, 0.5, 1.0]
+    assert result["curve"][0]["accuracy"] == result["strong_accuracy"]
+    assert result["curve"][-1]["accuracy"] == result["weak_accuracy"]
+    again = tandem.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, max_new_tokens=12, batch_size=3,
+                                temperature=1.0, seed=4)
+    assert again == tandem.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, max_new_tokens=12,
+                                        batch_size=3, temperature=1.0, seed=4)  # seeded
+
+
+def test_evaluate_accuracy_and_legibility_by_hand(tiny):
+    problems = toy_problems(10, seed=4)
+    solution = " 3+4=<<3+4=7>>7\n#### 7"
+    strong = Scripted(tiny.tok, solution)
+    result = tandem.evaluate(strong, tiny.weak, tiny.tok, problems, 0.5, curve=[0.0, 1.0], max_new_tokens=30,
+                                 batch_size=4)
+    golds = [tandem.extract_answer(p["answer"]) for p in problems]
+    assert 0 < golds.count("7") < len(golds)
+    assert result["strong_accuracy"] == golds.count("7") / len(golds)
+    assert result["jargon_rate"] == 1.0
+    assert result["mean_tokens"] == len(strong.script)
+    assert result["curve"][0]["accuracy"] == result["strong_accuracy"]
+    assert result["curve"][1]["accuracy"] == result["weak_accuracy"]
+    # Legibility: the weak model's mean NLL of the script, one uncached forward per problem.
+    nll = []
+    for p in problems:
+        prompt = torch.tensor(tiny.tok(tandem.format_prompt(p["question"]))["input_ids"])
+        with torch.no_grad():
+            logits = tiny.weak(torch.cat([prompt, strong.script])[None]).logits[0, len(prompt) - 1:-1]
+        nll += (-torch.log_softmax(logits, -1).gather(-1, strong.script[:, None])).squeeze(-1).tolist()
+    assert abs(result["weak_nll"] - sum(nll) / len(nll)) < 1e-4
+
+
+# -----------------------------------------------------------------------------
+# Command line and main, end to end; the paper's claim in miniature
+
+
+def run_main(capsys, module, *argv):
+    """A command line run in this process (no interpreter to start); returns what it printed."""
+    capsys.readouterr()
+    assert module.main([str(a) for a in argv]) is None
+    return capsys.readouterr().out
+
+
+def test_cli_end_to_end(warm, tmp_path, capsys):
+    data, out = write_data(tmp_path / "gsm8k"), tmp_path / "run"
 
     def tandem_cli(*flags):
-        cmd = [sys.executable, str(HERE / "tandem.py"), "--strong", str(tiny.root / "strong"), "--weak",
-               str(tiny.root / "weak"), "--data", str(data), "--out", str(out), "--sft-steps", "200", "--sft-lr",
-               "3e-3", "--lr", "1e-3", "--batch-size", "8", "--max-new-tokens", "24", "--temperature", "1.0",
-               "--device", "cpu", "--seed", "0", *flags]
-        run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)
-        assert run.returncode == 0, run.stderr
-        return run.stdout
+        return run_main(capsys, tandem, "--strong", warm / "strong", "--weak", warm / "weak", "--data", data, "--out", out,
+                        "--sft-steps", "20", "--sft-lr", "1e-3", "--lr", "1e-3", "--batch-size", "8", "--max-new-tokens", "24",
+                        "--temperature", "1.0", "--device", "cpu", "--seed", "0", *flags)
 
     assert "step 3/3" in tandem_cli("--steps", "3", "--eval-every", "2", "--eval-limit", "8")
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -572,7 +710,7 @@ def test_cli_end_to_end(tiny, tmp_path):
     evals = [r for r in log if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 3]  # the starting point, every 2 steps, the end
     assert all({"strong_accuracy", "tandem_accuracy", "jargon_rate"} <= r.keys() for r in evals)
-    assert json.loads((out / "eval.json").read_text())["n"] == 8
+    assert evals[-1]["n"] == 8
     for r in rows:
         assert {"reward", "jargon_rate", "weak_frac", "handoffs", "loss", "seconds"} <= r.keys()
         assert 0 <= r["reward"] <= 1 and 0 <= r["jargon_rate"] <= 1 and 0 < r["weak_frac"] < 1 and r["handoffs"] > 0
@@ -588,21 +726,18 @@ def test_cli_end_to_end(tiny, tmp_path):
     shutil.rmtree(out / "final")
     (tmp_path / "prefix.txt").write_text("Question: What is 1 plus 1?\nAnswer: 1+1=2\n#### 2\n\n")
     printed = tandem_cli("--steps", "2", "--eval-every", "2", "--eval-limit", "4", "--resume", "--handoff-unit", "word",
-                         "--weak-prompt", str(tmp_path / "prefix.txt"), "--weak-token-weight", "0.1")
+                         "--weak-prompt", tmp_path / "prefix.txt", "--weak-token-weight", "0.1", "--coins", "batch")
     assert "no checkpoint" in printed and "sft strong step" not in printed and "step 2/2" in printed
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2, 2]
 
 
-def test_cli_trains_a_llama_pair(llama, tmp_path):
+def test_cli_trains_a_llama_pair(llama, tmp_path, capsys):
     """The whole script on a Llama-architecture pair whose tokenizer ends text with <|im_end|>: the
     warm-start, two RL updates with word handoffs, evaluations, and a final/ that plain transformers loads."""
     data, out = write_data(tmp_path / "gsm8k", n_train=50, n_test=4), tmp_path / "run"
-    run = subprocess.run([sys.executable, str(HERE / "tandem.py"), "--strong", str(llama.root / "strong"), "--weak",
-                          str(llama.root / "weak"), "--data", str(data), "--out", str(out), "--sft-steps", "10",
-                          "--steps", "2", "--batch-size", "4", "--max-new-tokens", "12", "--eval-every", "2",
-                          "--eval-limit", "4", "--handoff-unit", "word", "--device", "cpu"],
-                         capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)
-    assert run.returncode == 0, run.stderr
+    run_main(capsys, tandem, "--strong", llama.root / "strong", "--weak", llama.root / "weak", "--data", data, "--out", out,
+             "--sft-steps", "10", "--steps", "2", "--batch-size", "4", "--max-new-tokens", "12", "--eval-every", "2",
+             "--eval-limit", "4", "--handoff-unit", "word", "--device", "cpu")
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2, 2]
     final = tandem.AutoModelForCausalLM.from_pretrained(out / "final")
     assert type(final).__name__ == "LlamaForCausalLM" and final.config.num_key_value_heads == 2
@@ -611,29 +746,15 @@ def test_cli_trains_a_llama_pair(llama, tmp_path):
     assert any(not torch.equal(v, llama.strong.state_dict()[k]) for k, v in warm.items())  # the warm-start trained it
 
 
-# -----------------------------------------------------------------------------
-# The paper's claim in miniature: tandem training removes jargon, plain RL keeps it
-
-
-def three_term_sums(n, seed):
-    """'a+b+c?' solved in two annotated steps, as GSM8K writes its solutions."""
-    rng = random.Random(seed)
-    problems = []
-    for _ in range(n):
-        a, b, c = (rng.randint(0, 9) for _ in range(3))
-        ab, s = a + b, a + b + c
-        problems.append({"question": f"{a}+{b}+{c}?",
-                         "answer": f"{a}+{b}=<<{a}+{b}={ab}>>{ab}\n{ab}+{c}=<<{ab}+{c}={s}>>{s}\n#### {s}"})
-    return problems
-
-
 def test_tandem_training_removes_jargon_and_plain_rl_does_not():
     """A strong model warm-started on mostly annotated solutions, a weak one on plain solutions.
     From one warm-start, 120 REINFORCE steps at handoff 0.5 must make the strong model drop the
     annotations and write text the weak one can continue, while keeping most of its solo accuracy;
-    the same 120 steps at handoff 0 (plain RL) must leave the annotations in place.
-    TANDEM_TOY_SEED picks another seed (0 to 3 were checked)."""
+    the same 120 steps at handoff 0 (plain RL) must leave the annotations in place. TANDEM_TOY_SEED picks
+    another seed; TANDEM_TOY_COINS=batch shares the coins over the batch, TANDEM_TOY_SAMPLES=4 makes the same
+    64 rollouts 16 prompts x 4."""
     seed = int(os.environ.get("TANDEM_TOY_SEED", "0"))
+    coins, samples = os.environ.get("TANDEM_TOY_COINS", "row"), int(os.environ.get("TANDEM_TOY_SAMPLES", "2"))
     start_time = time.time()
     # Characters, plus whole tokens for the template words: short sequences keep the warm-start cheap.
     tok = make_tokenizer([tandem.format_prompt("") + " #### <<>>"], vocab_size=285)
@@ -656,13 +777,13 @@ def test_tandem_training_removes_jargon_and_plain_rl_does_not():
         rng = random.Random(seed)
         optimizer = torch.optim.AdamW(strong.parameters(), lr=5e-4, weight_decay=0.0)
         args = tandem.parse_args(["--handoff-prob", str(handoff_prob), "--max-new-tokens", "40", "--temperature", "1.0",
-                                  "--micro-batch-size", "64"])
+                                  "--micro-batch-size", "64", "--coins", coins, "--samples-per-prompt", str(samples)])
         for _ in range(120):
-            tandem.rl_step(strong, weak, tok, optimizer, rng.sample(train, 32), args)
+            tandem.rl_step(strong, weak, tok, optimizer, rng.sample(train, 64 // samples), args)
         results[arm] = evaluate()
 
-    print(f"\ntoy world, seed {seed}: weak model alone {results['warm-start']['weak_accuracy']:.3f}; greedy, "
-          f"{len(test)} test problems ({time.time() - start_time:.0f}s)")
+    print(f"\ntoy world, seed {seed}, {coins} coins, {64 // samples} prompts x {samples}: weak model alone "
+          f"{results['warm-start']['weak_accuracy']:.3f}; greedy, {len(test)} test problems ({time.time() - start_time:.0f}s)")
     print(f"{'':24s} {'strong alone':>12s} {'tandem 0.5':>10s} {'jargon':>7s} {'weak NLL':>8s}")
     for name, r in results.items():
         print(f"{name:24s} {r['strong_accuracy']:12.3f} {r['tandem_accuracy']:10.3f} {r['jargon_rate']:7.2f} "
@@ -680,14 +801,30 @@ def test_tandem_training_removes_jargon_and_plain_rl_does_not():
 
 
 # -----------------------------------------------------------------------------
-# Bad input, interrupted runs, resume
+# Plumbing: loading, bad input, resuming, several processes
 
 
-def write_data(folder, n_train=200, n_test=20):
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n, seed in [("train", n_train, 0), ("test", n_test, 1)]:
-        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(p) for p in toy_problems(n, seed)) + "\n")
-    return folder
+def test_a_model_that_rescales_its_logits_is_refused(tiny, tmp_path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    eos = tiny.tok.eos_token_id
+    config = Gemma2Config(vocab_size=len(tiny.tok), hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=12, final_logit_softcapping=1.0, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma2")
+    tiny.tok.save_pretrained(tmp_path / "gemma2")
+    with pytest.raises(tandem.UsageError, match="rescales its logits after its output layer"):
+        tandem.load_pair(str(tmp_path / "gemma2"), str(tiny.root / "weak"), "cpu")
+
+
+def test_tokenizers_must_match_before_any_weights_load(tiny, tmp_path):
+    other = make_tokenizer()
+    other.add_tokens(["<<jargon>>"])
+    other.save_pretrained(tmp_path / "other")
+    shutil.copy(tiny.root / "weak" / "config.json", tmp_path / "other")  # a model folder without weights
+    with pytest.raises(tandem.UsageError, match="tokenizers differ"):
+        tandem.load_pair(str(tiny.root / "strong"), str(tmp_path / "other"), "cpu")
+    tokenizer, strong, weak = tandem.load_pair(str(tiny.root / "strong"), str(tiny.root / "weak"), "cpu")
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token == tokenizer.eos_token
 
 
 def usage_error(capsys, module, argv, alone=True):
@@ -739,13 +876,17 @@ BAD_INPUTS = [  # (flags, what the error must say), by class: missing, the wrong
     (["--weak-prompt", "{root}/empty_folder"], "Is a directory"),
     (["--weak-prompt", "{root}/malformed.jsonl", "--max-new-tokens", "90"], "exceed the weak model's 128 positions"),
 ]
+
+
 TANDEM_ONLY = [
     (["--steps", "0"], "argument --steps: must be at least 1"),
     (["--samples-per-prompt", "1"], "leave-one-out baseline needs --samples-per-prompt 2 or more"),
     (["--weak-token-weight", "-1"], "argument --weak-token-weight: must be at least 0"),
-    (["--batch-size", "3", "--out", "{root}/malformed.jsonl"], "is a file, not a folder"),
+    (["--max-new-tokens", "16", "--out", "{root}/malformed.jsonl"], "malformed.jsonl: File exists"),  # found once loaded
     (["--unknown-flag"], "unrecognized arguments: --unknown-flag"),
 ]
+
+
 EVAL_ONLY = [
     (["--limit", "0"], "argument --limit: must be at least 1"),
     (["--curve", "0,half"], "argument --curve: invalid curve value: '0,half'"),
@@ -758,7 +899,8 @@ def test_tandem_bad_input_is_one_line_and_writes_nothing(tiny, bad_inputs, tmp_p
     data = write_data(tmp_path / "gsm8k")
     argv = ["--strong", tiny.root / "strong", "--weak", tiny.root / "weak", "--data", data, "--out", tmp_path / "run",
             "--sft-steps", "0", "--steps", "1", "--device", "cpu"]
-    err = usage_error(capsys, tandem, argv + [f.format(root=bad_inputs) for f in flags], alone="128 positions" not in message)
+    err = usage_error(capsys, tandem, argv + [f.format(root=bad_inputs) for f in flags],
+                      alone=not any(late in message for late in ["128 positions", "File exists"]))
     assert message in err
     assert not (tmp_path / "run").exists()
 
@@ -774,38 +916,20 @@ def test_eval_bad_input_is_one_line(tiny, bad_inputs, tmp_path, capsys, flags, m
     assert not (tmp_path / "eval.json").exists()
 
 
-def test_a_non_finite_gradient_skips_the_update(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(tandem, "reward", lambda completion, gold: 1.0)  # with no baseline: every advantage is 1
-    model = make_model(tmp_path / "m", tiny.tok, n_layer=1, seed=6)
-    model.transformer.h[0].mlp.c_fc.weight.register_hook(lambda grad: grad * float("nan"))
-    before = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    args = tandem.parse_args(["--handoff-prob", "0", "--max-new-tokens", "8", "--temperature", "1.0",
-                              "--baseline", "none"])
-    problems = [{"question": q, "answer": "#### 1"} for q in ["1?", "2?"]]
-    torch.manual_seed(0)
-    metrics = tandem.rl_step(model, model, tiny.tok, optimizer, problems, args)
-    assert metrics["skipped"] and metrics["loss"] != 0 and not optimizer.state  # AdamW never stepped
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-
-
-def test_a_killed_run_resumes_to_the_same_result(tiny, tmp_path, capsys):
+def test_a_killed_run_resumes_to_the_same_result(warm, tmp_path, capsys):
     """A run killed with SIGKILL and then resumed has every step in metrics.jsonl once, and ends with
     the weights of a run that was never interrupted."""
     data = write_data(tmp_path / "gsm8k")
-    steps = 12
+    steps = 40
 
     def flags(out, *more):
-        return ["--strong", str(tiny.root / "strong"), "--weak", str(tiny.root / "weak"), "--data", str(data),
+        return ["--strong", str(warm / "strong"), "--weak", str(warm / "weak"), "--data", str(data),
                 "--out", str(out), "--sft-steps", "0", "--lr", "1e-3", "--batch-size", "4", "--max-new-tokens", "16",
                 "--temperature", "1.0", "--steps", str(steps), "--save-every", "3", "--eval-every", "0",
                 "--device", "cpu", *more]
 
     def run(out, *more):
-        done = subprocess.run([sys.executable, str(HERE / "tandem.py"), *flags(out, *more)], capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        return run_main(capsys, tandem, *flags(out, *more))
 
     def train_steps(out):
         return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
@@ -831,10 +955,6 @@ def test_a_killed_run_resumes_to_the_same_result(tiny, tmp_path, capsys):
     tandem.main(flags(killed, "--resume"))
     assert "nothing to resume" in capsys.readouterr().out
     assert "holds a finished run" in usage_error(capsys, tandem, flags(killed))
-
-
-# -----------------------------------------------------------------------------
-# Several processes
 
 
 def half_batch_gradients(rank, folder):
@@ -873,46 +993,44 @@ def test_two_processes_add_up_to_the_whole_batch_gradient(tiny, tmp_path):
             assert w.abs().max() > 0 and torch.allclose(g, w, atol=1e-6)
 
 
-def test_torchrun_with_two_processes(tiny, tmp_path):
-    """torchrun, 2 CPU processes (gloo): rank 0 alone prints and writes the metrics, every step once
-    with the whole batch's rollouts, and saves a final model that RL changed. A run that dies after
-    its checkpoint at step 2 and is resumed has the same metrics and final weights as a run that went
-    straight through."""
-    data = write_data(tmp_path / "gsm8k")
+def test_torchrun_with_two_processes(warm, tmp_path):
+    """torchrun, 2 CPU processes (gloo): the warm-start on both and rank 0's weights shared, rank 0 alone
+    printing and writing the metrics, every step once with the whole batch's rollouts, and a final model
+    that RL changed. The run is then resumed from its checkpoint at step 2 (as if it had died after it):
+    the same metrics and final weights again, so every process's sampling went on where it stopped."""
+    data, out = write_data(tmp_path / "gsm8k"), tmp_path / "run"
 
-    def torchrun(out, *flags):
+    def torchrun(*flags):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(HERE / "tandem.py"), "--strong", str(tiny.root / "strong"), "--weak", str(tiny.root / "weak"),
-               "--data", str(data), "--out", str(out), "--sft-steps", "150", "--sft-lr", "3e-3", "--lr", "1e-3",
-               "--batch-size", "8", "--max-new-tokens", "16", "--temperature", "1.0", "--save-every", "2",
-               "--eval-every", "2", "--eval-limit", "4", "--device", "cpu", *flags]
+               str(HERE / "tandem.py"), "--strong", str(warm / "strong"), "--weak", str(warm / "weak"),
+               "--data", str(data), "--out", str(out), "--sft-steps", "10", "--sft-lr", "1e-3", "--lr", "1e-3",
+               "--batch-size", "8", "--max-new-tokens", "16", "--temperature", "1.0", "--steps", "3", "--save-every", "2",
+               "--eval-every", "2", "--eval-limit", "4", "--baseline", "none", "--device", "cpu", *flags]
+        # --baseline none: every rewarded rollout moves the weights, so a change is sure to show in 3 updates
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
         assert run.returncode == 0, run.stderr
         return run.stdout
 
-    def metrics(out):  # its rows, less the wall times
+    def metrics():  # its rows, less the wall times
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
                 for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-    out = tmp_path / "run"
-    stdout = torchrun(out, "--steps", "4")
-    assert stdout.count("step 1/4 ") == 1  # printed by rank 0 only
-    rows = metrics(out)
-    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
-    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 4]
+    stdout = torchrun()
+    assert stdout.count("step 1/3 ") == 1  # printed by rank 0 only
+    rows = metrics()
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 3]
     assert all(r["rollouts"] == 8 * 2 for r in rows if r["kind"] == "train")  # --batch-size prompts x 2, not per rank
     assert any(r["reward"] > 0 for r in rows if r["kind"] == "train")
     final = tandem.AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     start = tandem.AutoModelForCausalLM.from_pretrained(out / "sft" / "strong").state_dict()
     assert any(not torch.equal(final[k], start[k]) for k in final)
 
-    died = tmp_path / "died"
-    torchrun(died, "--steps", "2")
-    shutil.rmtree(died / "final")  # as if it had died after the checkpoint at step 2
-    assert "resuming after step 2" in torchrun(died, "--steps", "4", "--resume")
+    shutil.rmtree(out / "final")
+    assert "resuming after step 2" in torchrun("--resume")
     # The same rows to the last digit: each rank's rollouts (their handoffs set weak_frac) went on as before.
-    assert metrics(died) == rows
-    resumed = tandem.AutoModelForCausalLM.from_pretrained(died / "final").state_dict()
+    assert metrics() == rows
+    resumed = tandem.AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     assert all(torch.equal(final[k], resumed[k]) for k in final)
 
 
@@ -920,86 +1038,18 @@ def test_torchrun_with_two_processes(tiny, tmp_path):
 # eval.py
 
 
-from transformers import GPT2Config  # noqa: E402
-
-
-class Scripted(torch.nn.Module):
-    """A stand-in model that writes the same text after every prompt, so its answers are known.
-    Its body's "hidden state" is already the logits, and its output layer is the identity."""
-
-    def __init__(self, tokenizer, text):
-        super().__init__()
-        self.script = torch.tensor(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
-        self.config = GPT2Config(n_layer=1)  # only for tandem_generate's cache, which it never fills
-        self.vocab_size = len(tokenizer)
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
-
-    @property
-    def base_model(self):
-        return self
-
-    def get_output_embeddings(self):
-        return torch.nn.Identity()
-
-    def forward(self, input_ids, attention_mask, position_ids, **_):
-        if input_ids.shape[1] > 1:  # the prompt: remember where each row's completion starts
-            self.start = position_ids[:, -1:] + 1
-        k = (position_ids[:, -1:] + 1 - self.start).clamp(max=len(self.script) - 1)
-        logits = torch.full((input_ids.shape[0], 1, self.vocab_size), -30.0)
-        logits.scatter_(-1, self.script[k][..., None], 30.0)
-        return Namespace(last_hidden_state=logits)
-
-
-def test_evaluate_keys_and_ranges(tiny):
-    problems = toy_problems(6, seed=3)
-    result = tandem.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, curve=[0.0, 0.5, 1.0],
-                                 max_new_tokens=12, batch_size=4)
-    assert result["n"] == 6
-    for key in ["strong_accuracy", "weak_accuracy", "tandem_accuracy", "jargon_rate", "tandem_jargon_rate",
-                "flexible_accuracy"]:
-        assert 0 <= result[key] <= 1, key
-    for key in ["strong", "weak", "tandem", "flexible"]:  # every accuracy has its 95% interval
-        low, high = result[f"{key}_accuracy_ci"]
-        assert 0 <= low <= result[f"{key}_accuracy"] <= high <= 1 and high - low > 0.2  # wide on 6 problems
-    assert all(c["ci"][0] <= c["accuracy"] <= c["ci"][1] for c in result["curve"])
-    assert result["weak_nll"] > 0 and 0 < result["mean_tokens"] <= 12
-    assert [c["handoff_prob"] for c in result["curve"]] == [0.0, 0.5, 1.0]
-    assert result["curve"][0]["accuracy"] == result["strong_accuracy"]
-    assert result["curve"][-1]["accuracy"] == result["weak_accuracy"]
-    again = tandem.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, max_new_tokens=12, batch_size=3,
-                                temperature=1.0, seed=4)
-    assert again == tandem.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, max_new_tokens=12,
-                                        batch_size=3, temperature=1.0, seed=4)  # seeded
-
-
-def test_evaluate_accuracy_and_legibility_by_hand(tiny):
-    problems = toy_problems(10, seed=4)
-    solution = " 3+4=<<3+4=7>>7\n#### 7"
-    strong = Scripted(tiny.tok, solution)
-    result = tandem.evaluate(strong, tiny.weak, tiny.tok, problems, 0.5, curve=[0.0, 1.0], max_new_tokens=30,
-                                 batch_size=4)
-    golds = [tandem.extract_answer(p["answer"]) for p in problems]
-    assert 0 < golds.count("7") < len(golds)
-    assert result["strong_accuracy"] == golds.count("7") / len(golds)
-    assert result["flexible_accuracy"] == result["strong_accuracy"]
-    assert result["jargon_rate"] == 1.0
-    assert result["mean_tokens"] == len(strong.script)
-    assert result["curve"][0]["accuracy"] == result["strong_accuracy"]
-    assert result["curve"][1]["accuracy"] == result["weak_accuracy"]
-    # Legibility: the weak model's mean NLL of the script, one uncached forward per problem.
-    nll = []
-    for p in problems:
-        prompt = torch.tensor(tiny.tok(tandem.format_prompt(p["question"]))["input_ids"])
-        with torch.no_grad():
-            logits = tiny.weak(torch.cat([prompt, strong.script])[None]).logits[0, len(prompt) - 1:-1]
-        nll += (-torch.log_softmax(logits, -1).gather(-1, strong.script[:, None])).squeeze(-1).tolist()
-    assert abs(result["weak_nll"] - sum(nll) / len(nll)) < 1e-4
-
-
 def test_flexible_answer():
-    assert tandem.flexible_answer("so she pays $1,200.00 in total.") == "1200"
-    assert tandem.flexible_answer("#### 5 then 6") == "6"
-    assert tandem.flexible_answer("no numbers") is None
+    assert evaluation.flexible_answer("so she pays $1,200.00 in total.") == "1200"
+    assert evaluation.flexible_answer("#### 5 then 6") == "6"
+    assert evaluation.flexible_answer("no numbers") is None
+
+
+def test_wilson_interval():
+    for (k, n), expected in [((5, 10), [0.2366, 0.7634]), ((0, 10), [0.0, 0.2775]), ((10, 10), [0.7225, 1.0])]:
+        assert all(abs(a - b) < 1e-4 for a, b in zip(evaluation.wilson(k, n), expected)), (k, n)  # published values
+    for k, n in [(41, 100), (3, 200), (150, 200)]:  # by its definition: the ends are where a score test at z = 1.96 just fails
+        for p in evaluation.wilson(k, n):
+            assert abs((k / n - p) ** 2 - 1.96 ** 2 * p * (1 - p) / n) < 1e-12
 
 
 def test_eval_cli_writes_json(tiny, tmp_path):
@@ -1015,16 +1065,11 @@ def test_eval_cli_writes_json(tiny, tmp_path):
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["n"] == 4 and {"strong_accuracy", "weak_accuracy", "tandem_accuracy", "weak_nll", "curve"} <= result.keys()
     assert "strong alone" in run.stdout and "[tandem, weak tokens in {}]" in run.stdout
-    low, high = result["strong_accuracy_ci"]
-    assert f"{result['strong_accuracy']:.3f}  [{low:.3f}, {high:.3f}]" in run.stdout  # the table shows the interval
-
-
-def test_wilson_interval():
-    for (k, n), expected in [((5, 10), [0.2366, 0.7634]), ((0, 10), [0.0, 0.2775]), ((10, 10), [0.7225, 1.0])]:
-        assert all(abs(a - b) < 1e-4 for a, b in zip(tandem.wilson(k, n), expected)), (k, n)  # published values
-    for k, n in [(41, 100), (3, 200), (150, 200)]:  # by its definition: the ends are where a score test at z = 1.96 just fails
-        for p in tandem.wilson(k, n):
-            assert abs((k / n - p) ** 2 - 1.96 ** 2 * p * (1 - p) / n) < 1e-12
+    for key in ["strong", "weak", "tandem", "flexible"]:  # every accuracy has its 95% interval, in the JSON and the table
+        low, high = result[f"{key}_accuracy_ci"]
+        assert 0 <= low <= result[f"{key}_accuracy"] <= high <= 1 and high - low > 0.3  # wide on 4 problems
+        assert f"{result[f'{key}_accuracy']:.3f}  [{low:.3f}, {high:.3f}]" in run.stdout
+    assert all(c["ci"][0] <= c["accuracy"] <= c["ci"][1] for c in result["curve"])
 
 
 def test_bench_parts_run_on_tiny_models(tiny):
@@ -1041,6 +1086,6 @@ def test_bench_parts_run_on_tiny_models(tiny):
     assert torch.equal(attn, attn.sort(1).values)  # padding on the left only
     four = {name: (ids[:4], attn[:4]) for name in prompts}
     times = evaluation.bench_decoding(strong, weak, four, 6, evaluation.BENCH_TEMPERATURE, 1, amp)
-    assert len(times) == 5 and all(0 < t < 60 for t in times.values())
+    assert len(times) == 6 and all(0 < t < 60 for t in times.values())
     seconds, peak = evaluation.rl_step_cost(args, micro_batch_size=2, batch_size=4)
     assert 0 < seconds < 60 and peak >= 0
