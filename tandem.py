@@ -125,21 +125,20 @@ def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, tempera
     done = torch.zeros(B, dtype=torch.bool, device=device)
     weak_owns, since_draw = coins[0], torch.zeros(B, dtype=torch.long, device=device)
     for t in range(T + 1):
-        # The one host sync per token: which models write a row that goes on (none: every row has ended).
-        writes = torch.stack([(~weak_owns & ~done).any(), (weak_owns & ~done).any()]).tolist()
-        writers = [n for n, w in zip(models, writes) if w]
+        # The host syncs of a token: which rows each model writes (none: the row has ended).
+        rows = {n: (owns & ~done).nonzero()[:, 0] for n, owns in [("strong", ~weak_owns), ("weak", weak_owns)]}
+        writers = [n for n in models if len(rows[n])]
         if t == T or not writers:
             break
-        logits = {}
+        token = torch.full_like(done, eos_token_id, dtype=torch.long)
         for n in writers:  # a model reads only when it writes: all it has not read yet, in one forward pass
             end = start[n] + t
             out = models[n].base_model(seq[n][:, read[n]:end], attention_mask=attn[n],
                                        position_ids=positions[n][:, read[n]:end], cache=caches[n], use_cache=True)
-            logits[n] = models[n].get_output_embeddings()(out.last_hidden_state[:, -1])[:, :vocab_size]
+            # The output layer for its own rows only: with a 50k vocabulary it is a good part of a small model's step.
+            logits = models[n].get_output_embeddings()(out.last_hidden_state[rows[n], -1])[:, :vocab_size]
+            token[rows[n]] = sample(logits, temperature)
             read[n] = end
-        token = sample(logits[writers[0]] if len(writers) == 1 else
-                       torch.where(weak_owns[:, None], logits["weak"], logits["strong"]), temperature)
-        token.masked_fill_(done, eos_token_id)
         for n in seq:
             seq[n][:, start[n] + t] = token
         from_weak[:, t], mask[:, t] = weak_owns & ~done, ~done

@@ -364,9 +364,9 @@ def decode_recording_logits(tiny, *args, amp=tandem.nullcontext(), **kwargs):
 
 
 def assert_logits_are_uncached(tiny, prompts, got, logits, atol, amp=tandem.nullcontext()):
-    """A model runs only at the steps where it writes a token of some row, and there its logits equal an
-    uncached forward over its prompt (prompts[name] = (ids, mask)) and the tokens so far, on the rows it
-    writes. Needs rollouts in which no row ended early."""
+    """A model runs only at the steps where it writes a token of some row, and there its output layer makes
+    logits for the rows it writes alone, equal to an uncached forward over its prompt (prompts[name] = (ids, mask))
+    and the tokens so far. Needs rollouts in which no row ended early."""
     assert got.mask.all()  # so from_weak names every step's owners
     models = {"strong": tiny.strong, "weak": tiny.weak}
     calls = {name: 0 for name in models}
@@ -376,7 +376,8 @@ def assert_logits_are_uncached(tiny, prompts, got, logits, atol, amp=tandem.null
             if rows.any():
                 with torch.no_grad(), amp:
                     uncached = models[name](s, attention_mask=a, position_ids=position_ids(a)).logits[rows, -1]
-                recorded = logits[name][calls[name]][rows]
+                recorded = logits[name][calls[name]]
+                assert recorded.shape[0] == rows.sum()
                 assert torch.allclose(recorded.float(), uncached.float(), atol=atol), f"{name} at step {t}"
                 calls[name] += 1
         prompts = {name: (torch.cat([s, got.tokens[:, t:t + 1]], 1), torch.cat([a, torch.ones_like(a[:, :1])], 1))
@@ -436,7 +437,7 @@ def test_word_handoffs_follow_the_follow_up_codes_rule(tiny, monkeypatch):
     author samples from its whole distribution: the strong model's log-probs in the gradient pass are
     exactly those it sampled from."""
     boundaries = torch.rand(len(tiny.tok), generator=torch.Generator().manual_seed(0)) < 0.2  # a known set
-    sampled = []  # the logits each step sampled from: each row's author's
+    sampled = []  # the logits of each call of sample: per step, the strong model's rows' (if any), then the weak's
     sample = tandem.sample
     monkeypatch.setattr(tandem, "sample", lambda logits, temperature: sampled.append(logits) or sample(logits, temperature))
     prompts = left_padded(tiny.tok, PROMPTS * 4)
@@ -455,8 +456,15 @@ def test_word_handoffs_follow_the_follow_up_codes_rule(tiny, monkeypatch):
     assert min(changes.values()) >= 5  # both kinds of draw do hand off
     own = got.mask & ~got.from_weak
     logp = completion_logprobs(tiny.strong, prompts["strong"], got.tokens, got.mask, 1.5)
-    at_sampling = torch.stack(sampled, 1).div(1.5).log_softmax(-1).gather(-1, got.tokens[..., None]).squeeze(-1)
-    assert own.sum() > 50 and torch.allclose(logp[own], at_sampling[own], atol=1e-5)
+    calls, at_sampling = iter(sampled), []
+    for t in range(got.tokens.shape[1]):
+        for rows, strong in [(own[:, t], True), (got.mask[:, t] & got.from_weak[:, t], False)]:
+            if rows.any():
+                logits = next(calls)
+                if strong:
+                    at_sampling.append(logits.div(1.5).log_softmax(-1).gather(-1, got.tokens[rows, t, None])[:, 0])
+    at_sampling = torch.cat(at_sampling)
+    assert own.sum() > 50 and torch.allclose(logp.T[own.T], at_sampling, atol=1e-5)
     # The same decoding by token hands off far more often: the `handoffs` metric tells them apart.
     torch.manual_seed(0)
     by_token = tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 40, 1.5, -1, len(tiny.tok))
