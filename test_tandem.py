@@ -46,13 +46,13 @@ GSM8K_SAMPLES = [
 GSM8K_GOLDS = ["18", "2125", "-10"]
 
 
-def toy_problems(n, seed=0):
+def toy_problems(n, seed=0, question="What is {a} plus {b}?"):
     """Single-digit sums in GSM8K format, with calculator annotations."""
     rng = random.Random(seed)
     problems = []
     for _ in range(n):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        problems.append({"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"})
+        problems.append({"question": question.format(a=a, b=b), "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"})
     return problems
 
 
@@ -153,18 +153,6 @@ def write_data(folder, n_train=200, n_test=20):
     for split, n, seed in [("train", n_train, 0), ("test", n_test, 1)]:
         (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(p) for p in toy_problems(n, seed)) + "\n")
     return folder
-
-
-def three_term_sums(n, seed):
-    """'a+b+c?' solved in two annotated steps, as GSM8K writes its solutions."""
-    rng = random.Random(seed)
-    problems = []
-    for _ in range(n):
-        a, b, c = (rng.randint(0, 9) for _ in range(3))
-        ab, s = a + b, a + b + c
-        problems.append({"question": f"{a}+{b}+{c}?",
-                         "answer": f"{a}+{b}=<<{a}+{b}={ab}>>{ab}\n{ab}+{c}=<<{ab}+{c}={s}>>{s}\n#### {s}"})
-    return problems
 
 
 # -----------------------------------------------------------------------------
@@ -755,8 +743,8 @@ def test_cli_trains_a_llama_pair(llama, tmp_path, capsys):
 
 
 def test_tandem_training_removes_jargon_and_plain_rl_does_not():
-    """A strong model warm-started on mostly annotated solutions, a weak one on plain solutions.
-    From one warm-start, 120 REINFORCE steps at handoff 0.5 must make the strong model drop the
+    """A strong model warm-started on mostly annotated solutions of single-digit sums, a weak one on plain
+    solutions. From one warm-start, 120 REINFORCE steps at handoff 0.5 must make the strong model drop the
     annotations and write text the weak one can continue, while keeping most of its solo accuracy;
     the same 120 steps at handoff 0 (plain RL) must leave the annotations in place. TANDEM_TOY_SEED picks
     another seed; TANDEM_TOY_COINS=batch shares the coins over the batch, TANDEM_TOY_SAMPLES=4 makes the same
@@ -764,19 +752,20 @@ def test_tandem_training_removes_jargon_and_plain_rl_does_not():
     seed = int(os.environ.get("TANDEM_TOY_SEED", "0"))
     coins, samples = os.environ.get("TANDEM_TOY_COINS", "row"), int(os.environ.get("TANDEM_TOY_SAMPLES", "2"))
     start_time = time.time()
-    # Characters, plus whole tokens for the template words: short sequences keep the warm-start cheap.
+    # Characters, plus whole tokens for the template words.
     tok = make_tokenizer([tandem.format_prompt("") + " #### <<>>"], vocab_size=285)
-    train, test = three_term_sums(4000, seed), three_term_sums(200, seed + 1000)
+    # Single-digit sums, "3+4?": short prompts keep the warm-start cheap.
+    train, test = toy_problems(4000, seed, "{a}+{b}?"), toy_problems(200, seed + 1000, "{a}+{b}?")
     strong = make_model(None, tok, n_layer=3, seed=seed, n_embd=64, n_head=4)
     weak = make_model(None, tok, n_layer=2, seed=seed + 1, n_embd=64, n_head=4)
     # 10% of the strong model's warm-start is plain: without it, it could not read the weak model's text at all.
-    tandem.sft(strong, tok, train, steps=700, batch_size=32, lr=3e-3, jargon_frac=0.9, seed=seed, name="sft strong")
-    tandem.sft(weak, tok, train, steps=700, batch_size=32, lr=3e-3, jargon_frac=0.0, seed=seed + 1, name="sft weak")
+    tandem.sft(strong, tok, train, steps=300, batch_size=32, lr=3e-3, jargon_frac=0.9, seed=seed, name="sft strong")
+    tandem.sft(weak, tok, train, steps=300, batch_size=32, lr=3e-3, jargon_frac=0.0, seed=seed + 1, name="sft weak")
     weak.requires_grad_(False)
     warm_start = {k: v.clone() for k, v in strong.state_dict().items()}
 
     def evaluate():
-        return tandem.evaluate(strong, weak, tok, test, 0.5, max_new_tokens=40, batch_size=200, seed=seed)
+        return tandem.evaluate(strong, weak, tok, test, 0.5, max_new_tokens=24, batch_size=200, seed=seed)
 
     results = {"warm-start": evaluate()}
     for arm, handoff_prob in [("tandem RL (handoff 0.5)", 0.5), ("plain RL (handoff 0)", 0.0)]:
@@ -784,7 +773,7 @@ def test_tandem_training_removes_jargon_and_plain_rl_does_not():
         torch.manual_seed(seed)
         rng = random.Random(seed)
         optimizer = torch.optim.AdamW(strong.parameters(), lr=5e-4, weight_decay=0.0)
-        args = tandem.parse_args(["--handoff-prob", str(handoff_prob), "--max-new-tokens", "40", "--temperature", "1.0",
+        args = tandem.parse_args(["--handoff-prob", str(handoff_prob), "--max-new-tokens", "24", "--temperature", "1.0",
                                   "--micro-batch-size", "64", "--coins", coins, "--samples-per-prompt", str(samples)])
         for _ in range(120):
             tandem.rl_step(strong, weak, tok, optimizer, rng.sample(train, 64 // samples), args)
