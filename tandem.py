@@ -261,12 +261,14 @@ def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_
     runs, device, n = {} if runs is None else runs, next(strong.parameters()).device, len(problems)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), amp:
         for p in dict.fromkeys([0.0, handoff_prob, 1.0, *curve]):  # each handoff probability decoded once
+            if p in runs:
+                continue
             torch.manual_seed(seed)
-            for i in range(0, n, batch_size) if p not in runs else []:
+            texts, batches = runs[p] = ([], [])
+            for i in range(0, n, batch_size):
                 prompts = encode_prompts(tokenizer, problems[i:i + batch_size], device, weak_prefix)
                 rollout = tandem_generate(strong, weak, prompts, p, max_new_tokens, temperature, tokenizer.eos_token_id,
                                           len(tokenizer), **(handoff or {}))
-                texts, batches = runs.setdefault(p, ([], []))
                 texts.extend(completion_texts(tokenizer, rollout))
                 batches.append((prompts, rollout))
         result = {"n": n, "weak_nll": weak_nll(weak, runs[0.0][1], len(tokenizer))}
