@@ -399,7 +399,7 @@ def main(argv=None):
                           weak_prefix=weak_prefix)
         log({"step": step, "kind": "eval"} | result)
         print(f"eval at step {step} | " + " | ".join(f"{k} {result[k]:.3f}" for k in ["strong_accuracy", "tandem_accuracy",
-                                                                                      "jargon_rate", "weak_nll"]))
+                                                                                      "jargon_rate", "weak_nll"]), flush=True)
 
     if args.eval_every and last_step == 0:
         evaluation(0)
@@ -409,7 +409,7 @@ def main(argv=None):
         metrics = rl_step(strong, weak, tokenizer, optimizer, batch, args, amp, handoff, weak_prefix)
         log({"step": step, "kind": "train"} | metrics | {"seconds": time.time() - t0})
         shown = " | ".join(f"{k} {metrics[k]:.3f}" for k in ["reward", "jargon_rate", "weak_frac", "handoffs", "loss"])
-        print(f"step {step}/{args.steps} | {shown} | {time.time() - t0:.1f}s{' | non-finite, skipped' if metrics['skipped'] else ''}")
+        print(f"step {step}/{args.steps} | {shown} | {time.time() - t0:.1f}s" + " | non-finite, skipped" * metrics["skipped"], flush=True)
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             evaluation(step)
         if args.save_every and step % args.save_every == 0:
@@ -626,8 +626,8 @@ def resume(out, strong, optimizer, rng, rank, resuming):
     with open(metrics_path + ".tmp", "w") as f:
         f.writelines(rows)
     os.replace(metrics_path + ".tmp", metrics_path)
-    metrics = open(metrics_path, "a")
-    return last_step, lambda row: metrics.write(json.dumps(row) + "\n") or metrics.flush()
+    metrics = open(metrics_path, "a", buffering=1)  # line-buffered: a row is in the file once logged, whatever kills us
+    return last_step, lambda row: metrics.write(json.dumps(row) + "\n")
 
 def run_cli(main):
     """main(), its return value the exit code; bad input ends in one line on stderr and exit code 2."""

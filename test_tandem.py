@@ -917,7 +917,7 @@ def test_a_killed_run_resumes_to_the_same_result(warm, tmp_path, capsys):
     """A run killed with SIGKILL and then resumed has every step in metrics.jsonl once, and ends with
     the weights of a run that was never interrupted."""
     data = write_data(tmp_path / "gsm8k")
-    steps = 40
+    steps = 24
 
     def flags(out, *more):
         return ["--strong", str(warm / "strong"), "--weak", str(warm / "weak"), "--data", str(data),
@@ -935,14 +935,16 @@ def test_a_killed_run_resumes_to_the_same_result(warm, tmp_path, capsys):
     whole = tandem.AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "final").state_dict()
 
     killed = tmp_path / "killed"
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a user's shell has it
     proc = subprocess.Popen([sys.executable, str(HERE / "tandem.py"), *flags(killed)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=buffered)
     while not ((killed / "metrics.jsonl").exists() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 5):
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.01)
     proc.kill()
-    proc.communicate(timeout=60)
+    printed = proc.communicate(timeout=60)[0]
     assert 5 <= len(train_steps(killed)) < steps and not (killed / "final").exists()
+    assert f"step 4/{steps} |" in printed  # progress reaches a pipe or a log as it is made, not at the end
     assert "holds a started run: add --resume" in usage_error(capsys, tandem, flags(killed))
 
     assert "resuming after step" in run(killed, "--resume")
@@ -952,6 +954,13 @@ def test_a_killed_run_resumes_to_the_same_result(warm, tmp_path, capsys):
     tandem.main(flags(killed, "--resume"))
     assert "nothing to resume" in capsys.readouterr().out
     assert "holds a finished run" in usage_error(capsys, tandem, flags(killed))
+
+
+def test_a_logged_row_is_in_the_file_at_once(tmp_path):
+    """A run killed at any moment has lost no row it logged: each is in metrics.jsonl before the next step."""
+    _, log = tandem.resume(str(tmp_path), None, None, None, rank=0, resuming=False)
+    log({"step": 1, "kind": "train"})
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "kind": "train"}\n'
 
 
 def half_batch_gradients(rank, folder):
