@@ -1058,29 +1058,27 @@ def test_wilson_interval():
             assert abs((k / n - p) ** 2 - 1.96 ** 2 * p * (1 - p) / n) < 1e-12
 
 
-def test_eval_cli_writes_json(tiny, tmp_path):
+def test_eval_cli_writes_json(tiny, tmp_path, capsys):
     data = tmp_path / "test.jsonl"
     data.write_text("\n".join(json.dumps(p) for p in toy_problems(5, seed=2)) + "\n")
-    cmd = [sys.executable, str(HERE / "eval.py"), "--strong", str(tiny.root / "strong"), "--weak",
-           str(tiny.root / "weak"), "--data", str(data), "--limit", "4", "--max-new-tokens", "10", "--curve", "0,1",
-           "--batch-size", "2", "--examples", "1", "--json", str(tmp_path / "eval.json"), "--device", "cpu",
-           "--handoff-unit", "word", "--weak-prompt", str(tmp_path / "prefix.txt")]
     (tmp_path / "prefix.txt").write_text("Question: What is 1 plus 1?\nAnswer: 1+1=2\n#### 2\n\n")
-    run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)
-    assert run.returncode == 0, run.stderr
+    stdout = run_main(capsys, evaluation, "--strong", tiny.root / "strong", "--weak", tiny.root / "weak", "--data", data,
+                      "--limit", "4", "--max-new-tokens", "10", "--curve", "0,1", "--batch-size", "2", "--examples", "1",
+                      "--json", tmp_path / "eval.json", "--device", "cpu", "--handoff-unit", "word",
+                      "--weak-prompt", tmp_path / "prefix.txt")
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["n"] == 4 and {"strong_accuracy", "weak_accuracy", "tandem_accuracy", "weak_nll", "curve"} <= result.keys()
-    assert "strong alone" in run.stdout and "[tandem, weak tokens in {}]" in run.stdout
+    assert "strong alone" in stdout and "[tandem, weak tokens in {}]" in stdout
     for key in ["strong", "weak", "tandem", "flexible"]:  # every accuracy has its 95% interval, in the JSON and the table
         low, high = result[f"{key}_accuracy_ci"]
         assert 0 <= low <= result[f"{key}_accuracy"] <= high <= 1 and high - low > 0.3  # wide on 4 problems
-        assert f"{result[f'{key}_accuracy']:.3f}  [{low:.3f}, {high:.3f}]" in run.stdout
+        assert f"{result[f'{key}_accuracy']:.3f}  [{low:.3f}, {high:.3f}]" in stdout
     assert all(c["ci"][0] <= c["accuracy"] <= c["ci"][1] for c in result["curve"])
 
 
 def test_bench_parts_run_on_tiny_models(tiny):
-    """eval.py --bench's two parts, in this process on tiny models (the real run takes minutes):
-    every decoding run gets a time, one RL step reports its time and memory, and the random
+    """eval.py --bench's parts, in this process on tiny models (the real run takes minutes):
+    every decoding run and forward pass gets a time, one RL step reports its time and memory, and the random
     prompts are left-padded to 90% to 110% of the asked length."""
     args = evaluation.parse_args(["--bench", "--strong", str(tiny.root / "strong"), "--weak", str(tiny.root / "weak"),
                                   "--device", "cpu", "--batch-size", "4", "--max-new-tokens", "6", "--repeats", "1"])
