@@ -2,7 +2,7 @@
 Did tandem training work? Accuracy, jargon rate, legibility and handoff robustness on GSM8K, with
 tandem.evaluate: the strong model alone (handoff 0), the weak one alone (handoff 1), the pair at
 --handoff-prob, the weak model's NLL of the strong model's solutions, and with --curve the accuracy
-at several handoff probabilities. --bench times the decoder and an RL step instead.
+at several handoff probabilities. --bench times the decoder, forward passes and an RL step instead.
 
     python eval.py --strong runs/RUN/final --weak runs/RUN/sft/weak --limit 200 --curve 0,0.25,0.5,0.75,1
     python eval.py --bench --random-init --device cpu --batch-size 8 --max-new-tokens 64
@@ -143,7 +143,7 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: the decoder against HF generate, and the cost of one RL step
+# Benchmark: the decoder against HF generate, a forward pass by the tokens it reads, and one RL step
 #
 #     python eval.py --bench --random-init --device cpu --batch-size 8 --max-new-tokens 64
 #
@@ -204,6 +204,27 @@ def bench_decoding(strong, weak, prompts, new_tokens, temperature, repeats, amp)
             t0 = time.perf_counter()
             with amp:
                 run()
+            sync(device)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+@torch.no_grad()
+def bench_reads(model, prompts, repeats, amp, k=4):
+    """Median seconds of the prompts' prefill, and of one forward pass of the model's body that reads 1 and then k
+    more tokens into its cache. Batch coins save a pass's fixed cost, not its cost per token: this tells which is which."""
+    (ids, attn), device = prompts["strong"], prompts["strong"][0].device
+    B, L = ids.shape
+    seq, attn = torch.cat([ids, ids[:, -1:].repeat(1, 1 + k)], 1), torch.cat([attn, attn.new_ones(B, 1 + k)], 1)
+    positions, times = tandem.position_ids(attn), {"prefill": [], 1: [], k: []}
+    for r in range(repeats + 1):  # the first round warms up and is not counted
+        cache = tandem.StaticCache(config=model.config, max_cache_len=seq.shape[1])
+        for name, (a, b) in [("prefill", (0, L)), (1, (L, L + 1)), (k, (L + 1, L + 1 + k))]:
+            sync(device)
+            t0 = time.perf_counter()
+            with amp:
+                model.base_model(seq[:, a:b], attention_mask=attn, position_ids=positions[:, a:b], cache=cache, use_cache=True)
             sync(device)
             if r:
                 times[name].append(time.perf_counter() - t0)
@@ -281,6 +302,10 @@ def bench(args):
     for name, seconds in t.items():
         ratios = "".join(f"{seconds / base:8.3f}" for base in (strong_s, weak_s, strong_s + weak_s))
         print(f"{name:32}{seconds:9.2f}{B * n / seconds:10.1f}   {ratios if name.startswith('tandem') else ''}")
+    print(f"\n{'one forward pass, median':32}{'prefill':>9}{'1 token':>10}{'4 tokens':>10}{'4 / 1':>8}   prefill / generate")
+    for name, model, base in [("strong", strong, strong_s), ("weak", weak, weak_s)]:
+        r = bench_reads(model, prompts, args.repeats, amp)
+        print(f"{name:32}{r['prefill']:8.2f}s{r[1] * 1e3:8.0f}ms{r[4] * 1e3:8.0f}ms{r[4] / r[1]:8.2f}   {r['prefill'] / base:8.3f}")
     del strong, weak  # the RL steps below run in fresh processes
 
     # Peak memory must grow with the micro-batch, not with the batch.

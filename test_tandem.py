@@ -1091,5 +1091,7 @@ def test_bench_parts_run_on_tiny_models(tiny):
     four = {name: (ids[:4], attn[:4]) for name in prompts}
     times = evaluation.bench_decoding(strong, weak, four, 6, evaluation.BENCH_TEMPERATURE, 1, amp)
     assert len(times) == 6 and all(0 < t < 60 for t in times.values())
+    reads = evaluation.bench_reads(strong, four, 1, amp)
+    assert list(reads) == ["prefill", 1, 4] and all(0 < t < 60 for t in reads.values())
     seconds, peak = evaluation.rl_step_cost(args, micro_batch_size=2, batch_size=4)
     assert 0 < seconds < 60 and peak >= 0
