@@ -198,16 +198,24 @@ def bench_decoding(strong, weak, prompts, new_tokens, temperature, repeats, amp)
             lambda p=p, shared=shared: tandem.tandem_generate(strong, weak, prompts, p, new_tokens, temperature, -1, vocab,
                                                               shared_coins=shared))
     times = {name: [] for name in runs}
-    for r in range(repeats + 1):  # the first round warms up and is not counted
+    for _ in range(repeats + 1):
         for name, run in runs.items():
-            sync(device)
-            t0 = time.perf_counter()
-            with amp:
-                run()
-            sync(device)
-            if r:
-                times[name].append(time.perf_counter() - t0)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            times[name].append(timed(run, device, amp))
+    return medians(times)
+
+
+def timed(run, device, amp):
+    """Seconds that run() takes, with the GPU's queue empty before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    with amp:
+        run()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def medians(times):  # the first round warms up and is not counted
+    return {name: sorted(t[1:])[len(t[1:]) // 2] for name, t in times.items()}
 
 
 @torch.no_grad()
@@ -218,17 +226,12 @@ def bench_reads(model, prompts, repeats, amp, k=4):
     B, L = ids.shape
     seq, attn = torch.cat([ids, ids[:, -1:].repeat(1, 1 + k)], 1), torch.cat([attn, attn.new_ones(B, 1 + k)], 1)
     positions, times = tandem.position_ids(attn), {"prefill": [], 1: [], k: []}
-    for r in range(repeats + 1):  # the first round warms up and is not counted
+    for _ in range(repeats + 1):
         cache = tandem.StaticCache(config=model.config, max_cache_len=seq.shape[1])
         for name, (a, b) in [("prefill", (0, L)), (1, (L, L + 1)), (k, (L + 1, L + 1 + k))]:
-            sync(device)
-            t0 = time.perf_counter()
-            with amp:
-                model.base_model(seq[:, a:b], attention_mask=attn, position_ids=positions[:, a:b], cache=cache, use_cache=True)
-            sync(device)
-            if r:
-                times[name].append(time.perf_counter() - t0)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            times[name].append(timed(lambda: model.base_model(seq[:, a:b], attention_mask=attn, position_ids=positions[:, a:b],
+                                                              cache=cache, use_cache=True), device, amp))
+    return medians(times)
 
 
 def peak_memory_reset(device):
