@@ -8,9 +8,11 @@ at several handoff probabilities. --bench times the decoder, forward passes and 
     python eval.py --bench --random-init --device cpu --batch-size 8 --max-new-tokens 64
 """
 
+import argparse
 import json
 import math
 import os
+import random
 import re
 import sys
 import time
@@ -22,26 +24,28 @@ from tandem import number
 
 
 def parse_args(argv=None):
-    p = tandem.Parser(description="Evaluate a strong/weak pair on GSM8K: accuracy, jargon, legibility.")
+    p = tandem.Parser(description="Evaluate a strong/weak pair on GSM8K: accuracy, jargon, legibility.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows every default
     p.add_argument("--strong", help="strong model: hub name or local folder (e.g. runs/RUN/final); --bench: gpt2-medium")
     p.add_argument("--weak", help="weak model: hub name or local folder (e.g. runs/RUN/sft/weak); --bench: gpt2")
     p.add_argument("--data", default="openai/gsm8k", help="hub dataset, folder with train.jsonl and test.jsonl, or one .jsonl")
     p.add_argument("--split", default="test", choices=["train", "test"], help="which split to evaluate on")
     p.add_argument("--limit", type=number(int, 1), default=None, help="evaluate only the first N problems")
-    p.add_argument("--handoff-prob", type=number(float, 0, 1), default=0.5, help="handoff probability of the tandem accuracy")
-    p.add_argument("--handoff-unit", default="token", choices=["token", "word"], help="token: a new author for every token; word: at word starts")
-    p.add_argument("--max-gap", type=number(int, 1), default=32, help="by word: a new author after this many tokens without a word start")
+    tandem.handoff_flags(p)  # --handoff-prob (the pair's accuracy is at this one), --handoff-unit, --max-gap
     p.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads")
     p.add_argument("--curve", type=curve, default=[], help="comma-separated handoff probabilities for a robustness curve, e.g. 0,0.5,1")
     p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="longest solution generated")
     p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0: greedy (each token its owner's argmax)")
     p.add_argument("--batch-size", type=number(int, 1), default=32, help="problems decoded together")
-    p.add_argument("--seed", type=int, default=0, help="seed of the handoffs (and of sampling if temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the author draws (and of sampling if temperature > 0)")
     p.add_argument("--examples", type=number(int, 0), default=0, help="print K solutions, strong alone and tandem, weak tokens in {braces}")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype (auto: bfloat16 on cuda)")
     p.add_argument("--trust-remote-code", action="store_true", help="let models run code from their folder or hub repo")
+    p.add_argument("--plot", nargs="+", metavar="RUN", help="draw jargon and accuracy over RL updates from these run folders")
+    p.add_argument("--out", default="curves.png", help="--plot: the picture's file (.png, .pdf, .svg)")
+    p.add_argument("--make-data", metavar="DIR", help="write the word problems (see README) to DIR/train.jsonl and DIR/test.jsonl")
     p.add_argument("--bench", action="store_true", help="time decoding and RL steps instead of evaluating (see README)")
     p.add_argument("--random-init", action="store_true", help="--bench: build gpt2 and gpt2-medium from their shapes, offline")
     p.add_argument("--prompt-tokens", type=number(int, 1), default=100, help="--bench: prompt length")
@@ -49,7 +53,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.bench:
         args.strong, args.weak = args.strong or "gpt2-medium", args.weak or "gpt2"
-    elif not (args.strong and args.weak):
+    elif not (args.strong and args.weak or args.plot or args.make_data):
         p.error("--strong and --weak are required (only --bench has defaults: gpt2-medium and gpt2)")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: its folder does not exist")
@@ -82,13 +86,13 @@ def report(result, args):
 
     lines = [f"GSM8K {args.split}: {result['n']} problems, {sampling}, seed {args.seed}; [95% Wilson interval]",
              f"{'':32}{'accuracy':>9}{'':18}{'jargon':>7}",
-             f"{'strong alone':32}{acc(result['strong_accuracy'], result['strong_accuracy_ci'])}{result['jargon_rate']:9.3f}",
+             f"{'strong alone':32}{acc(result['strong_accuracy'], result['strong_accuracy_ci'])}{result['strong_jargon_rate']:9.3f}",
              f"{'weak alone':32}{acc(result['weak_accuracy'], result['weak_accuracy_ci'])}",
              f"{f'tandem (handoff {args.handoff_prob:g})':32}{acc(result['tandem_accuracy'], result['tandem_accuracy_ci'])}"
              f"{result['tandem_jargon_rate']:9.3f}",
              f"{'strong alone, flexible extract':32}{acc(result['flexible_accuracy'], result['flexible_accuracy_ci'])}",
              f"legibility: weak NLL of strong solutions {result['weak_nll']:.3f} nats/token "
-             f"(mean length {result['mean_tokens']:.1f} tokens)"]
+             f"(mean length {result['strong_tokens']:.1f} tokens)"]
     for c in result.get("curve", []):
         lines.append(f"{'handoff curve at %g' % c['handoff_prob']:32}{acc(c['accuracy'], c['ci'])}")
     return "\n".join(lines)
@@ -112,18 +116,22 @@ def main(argv=None):
     args = parse_args(argv)
     if args.bench:
         return bench(args)
+    if args.plot:
+        return plot(args.plot, args.out)
+    if args.make_data:
+        return make_data(args.make_data, args.seed)
     device, amp = tandem.pick_device(args.device, args.dtype)
     problems = tandem.load_gsm8k(args.split, args.data)[:args.limit]
     weak_prefix = tandem.read_text(args.weak_prompt) if args.weak_prompt else None
     tokenizer, strong, weak = tandem.load_pair(args.strong, args.weak, device, args.trust_remote_code)
     tandem.check_fits(strong, weak, tokenizer, problems, args.max_new_tokens, weak_prefix)
-    handoffs = ", ".join(f"{p:g}" for p in dict.fromkeys([0, args.handoff_prob, 1, *args.curve]))
-    print(f"decoding {len(problems)} problems at handoff {handoffs} ...", file=sys.stderr, flush=True)
+    probs = ", ".join(f"{p:g}" for p in dict.fromkeys([0, args.handoff_prob, 1, *args.curve]))
+    print(f"decoding {len(problems)} problems at handoff {probs} ...", file=sys.stderr, flush=True)
     t0, runs, n = time.time(), {}, len(problems)
     result = tandem.evaluate(strong, weak, tokenizer, problems, args.handoff_prob, args.curve, args.max_new_tokens,
                              args.temperature, args.batch_size, args.seed, amp, runs,
-                             tandem.handoff_rule(args, tokenizer, device), weak_prefix)
-    flexible = [flexible_answer(t) == tandem.gold_answer(p["answer"]) for t, p in zip(runs[0.0][0], problems)]
+                             tandem.draw_rule(args.handoff_unit, args.max_gap, tokenizer, device), weak_prefix)
+    flexible = [flexible_answer(t) == tandem.extract_answer(p["answer"]) for t, p in zip(runs[0.0][0], problems)]
     result["flexible_accuracy"] = sum(flexible) / n
     for key in ["strong", "weak", "tandem", "flexible"]:  # every accuracy with its 95% interval
         result[f"{key}_accuracy_ci"] = wilson(round(result[f"{key}_accuracy"] * n), n)
@@ -140,6 +148,103 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# The paper's picture: jargon and accuracy over RL updates, one colour per run, 95% intervals as bands
+#
+#     python eval.py --plot runs/tandem runs/plain --out curves.png
+
+
+def eval_rows(run):
+    """The evaluation rows of a run folder's metrics.jsonl, in step order."""
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise tandem.UsageError(f"--plot {run}: no metrics.jsonl there (tandem.py's --out folders have one)")
+    with tandem.user_input(f"--plot {path}"), open(path) as f:
+        rows = [json.loads(line) for line in f if line.endswith("\n")]
+    rows = sorted((r for r in rows if r.get("kind") == "eval"), key=lambda r: r["step"])
+    if not rows:
+        raise tandem.UsageError(f"--plot {run}: {path} has no evaluation rows (train with --eval-every above 0)")
+    return rows
+
+
+def plot(runs, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # a file, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise tandem.UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    rows = {run: eval_rows(run) for run in runs}
+    panels = [("strong_jargon_rate", "jargon rate (strong alone)"), ("strong_accuracy", "accuracy, strong alone"),
+              ("tandem_accuracy", "accuracy, pair")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), constrained_layout=True)
+    for (key, title), ax in zip(panels, axes):
+        for i, (run, r) in enumerate(rows.items()):
+            steps, colour = [row["step"] for row in r], f"C{i}"
+            low, high = zip(*(wilson(round(row[key] * row["n"]), row["n"]) for row in r))
+            ax.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0)
+            ax.plot(steps, [row[key] for row in r], color=colour, marker="o", markersize=3,
+                    label=os.path.basename(os.path.normpath(run)))
+            if key != "strong_jargon_rate":  # the weak model is frozen: its accuracy alone, for comparison
+                ax.axhline(r[0]["weak_accuracy"], color=colour, linestyle=":", linewidth=1)
+        ax.set(title=title, xlabel="RL updates", ylim=(-0.02, 1.02))
+    axes[0].legend()
+    axes[1].plot([], [], color="grey", linestyle=":", label="weak alone")
+    axes[1].legend()
+    with tandem.user_input(f"--out {out}"):
+        fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+
+
+# -----------------------------------------------------------------------------
+# Word problems in GSM8K's format that a 135M model can learn on a CPU (README: the real-model experiment)
+#
+#     python eval.py --make-data data/word-problems
+
+NAMES = ["Lee", "Mia", "Sam", "Ava", "Ben", "Zoe", "Max", "Ivy", "Tom", "Eva"]
+THINGS = ["apples", "books", "cards", "coins", "marbles", "pens", "shells", "stickers", "stamps", "beads"]
+
+
+def word_problems(rng):
+    """Endless problems of one to three steps (add, take away, double, halve) on numbers up to 20 to start with:
+    a question, a line per step with its <<a+b=c>> annotation, '#### N'."""
+    while True:
+        name, things, x = rng.choice(NAMES), rng.choice(THINGS), rng.randint(2, 20)
+        question, lines = [f"{name} has {x} {things}."], []
+        for _ in range(rng.randint(1, 3)):
+            steps = [("+", rng.randint(2, 12), f"Then {name} gets {{b}} more.", f"After getting {{b}} more, {name} has")]
+            if x > 1:
+                steps.append(("-", rng.randint(1, x - 1), f"Then {name} gives {{b}} away.", f"After giving {{b}} away, {name} has"))
+            if x <= 30:
+                steps.append(("*", 2, f"Then the number of {things} doubles.", f"Doubled, {name} has"))
+            if x % 2 == 0:
+                steps.append(("/", 2, f"Then {name} gives half of them to a friend.", f"After giving half away, {name} has"))
+            op, b, ask, tell = rng.choice(steps)
+            y = {"+": x + b, "-": x - b, "*": x * b, "/": x // b}[op]
+            question.append(ask.format(b=b))
+            lines.append(f"{tell.format(b=b)} {x}{op}{b}=<<{x}{op}{b}={y}>>{y} {things}.")
+            x = y
+        question.append(f"How many {things} does {name} have now?")
+        yield {"question": " ".join(question), "answer": "\n".join(lines) + f"\n#### {x}"}
+
+
+def make_data(folder, seed, n_train=2000, n_test=500):
+    """Train and test problems; a test question is never a train question, nor another test question."""
+    problems = word_problems(random.Random(seed))
+    train = [next(problems) for _ in range(n_train)]
+    seen, test = {p["question"] for p in train}, []
+    while len(test) < n_test:
+        if (p := next(problems))["question"] not in seen:
+            seen.add(p["question"])
+            test.append(p)
+    with tandem.user_input(f"--make-data {folder}"):
+        os.makedirs(folder, exist_ok=True)
+        for split, rows in [("train", train), ("test", test)]:
+            with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:
+                f.writelines(json.dumps(p) + "\n" for p in rows)
+    print(f"wrote {n_train} train and {n_test} test problems to {folder}")
 
 
 # -----------------------------------------------------------------------------

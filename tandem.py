@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -71,14 +71,14 @@ def extract_answer(text):
     match = ANSWER.match(after) if found else None
     return normalize_number(match[1] or match[2], match[3]) if match else None
 
-def gold_answer(gold):
-    """The normalised gold number, from a whole GSM8K answer ('... #### 18') or a bare number ('18')."""
-    return extract_answer(gold if "####" in gold else "####" + gold)
-
-def reward(completion, gold):
-    """1.0 when the completion's '#### N' equals the gold answer, else 0.0."""
+def correct(completion, gold):
+    """Is the completion's '#### N' the gold answer (a whole GSM8K answer or a bare number)? Every accuracy is this."""
     answer = extract_answer(completion)
-    return float(answer is not None and answer == gold_answer(gold))
+    return answer is not None and answer == extract_answer(gold if "####" in gold else "####" + gold)
+
+def reward(completion, problem):
+    """RL's reward for a completion of `problem`: 1.0 when it is correct. Another verifier goes here (accuracies stay)."""
+    return float(correct(completion, problem["answer"]))
 
 def has_jargon(text):
     return JARGON.search(text) is not None
@@ -87,12 +87,11 @@ def strip_jargon(text):
     return JARGON.sub("", text)
 
 # -----------------------------------------------------------------------------
-# The tandem decoder: two models, two KV caches, one text. A causal LM is a body that makes hidden states
-# (model.base_model) and an output layer that makes logits (model.get_output_embeddings()): called apart,
-# they give logits only where they are needed. load_model checks that the two give the model's own logits.
+# The tandem decoder: two models, two KV caches, one text. A causal LM is a body that makes hidden states (base_model)
+# and an output layer that makes logits (get_output_embeddings()): called apart, they give logits only where needed.
+# load_model checks that the two give the model's own logits.
 
-@dataclass
-class Rollout:
+class Rollout(NamedTuple):
     tokens: torch.Tensor  # B x T sampled token ids (eos after a row has ended)
     from_weak: torch.Tensor  # B x T bool: the weak model sampled this token
     mask: torch.Tensor  # B x T bool: a real token, up to and including the row's first eos
@@ -106,10 +105,10 @@ def sample(logits, temperature):  # temperature 0: greedy
 @torch.no_grad()
 def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, temperature, eos_token_id, vocab_size=None,
                     max_gap=1, boundaries=None, shared_coins=False):
-    """Continue left-padded prompts (from encode_prompts), each token by one author, from its whole distribution.
-    The first author is drawn at the start (the weak model with probability `handoff_prob`), and drawn again after
-    `max_gap` tokens (1: every token, the paper's rule) or right after a token that `boundaries` marks (handoff_rule).
-    `shared_coins`: a draw is the same for every row, so that by token one model runs per step."""
+    """Continue left-padded prompts (from encode_prompts), each token by one author, from its whole distribution. The
+    first author is drawn at the start (the weak model with probability `handoff_prob`), and again right after a token
+    that `boundaries` marks (a bool per vocabulary entry, from draw_rule) or `max_gap` tokens after the last draw (the
+    default, 1: every token, the paper's rule). `shared_coins`: one draw for all rows, so by token one model runs."""
     models = {"strong": strong, "weak": weak}
     B, T, device = prompts["strong"][0].shape[0], max_new_tokens, prompts["strong"][0].device
     coins = (torch.rand(T + 1, 1 if shared_coins else B) < handoff_prob).expand(T + 1, B).to(device)  # True: weak
@@ -124,11 +123,11 @@ def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, tempera
     from_weak, mask = (torch.zeros(B, T, dtype=torch.bool, device=device) for _ in range(2))
     done = torch.zeros(B, dtype=torch.bool, device=device)
     weak_owns, since_draw = coins[0], torch.zeros(B, dtype=torch.long, device=device)
-    for t in range(T + 1):
-        # The host syncs of a token: which rows each model writes (none: the row has ended).
+    for t in range(T):
+        # nonzero() waits for the device, once per token: how many rows a model writes decides whether it runs.
         rows = {n: (owns & ~done).nonzero()[:, 0] for n, owns in [("strong", ~weak_owns), ("weak", weak_owns)]}
         writers = [n for n in models if len(rows[n])]
-        if t == T or not writers:
+        if not writers:  # every row has ended
             break
         token = torch.full_like(done, eos_token_id, dtype=torch.long)
         for n in writers:  # a model reads only when it writes: all it has not read yet, in one forward pass
@@ -139,7 +138,7 @@ def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, tempera
             logits = models[n].get_output_embeddings()(out.last_hidden_state[rows[n], -1])[:, :vocab_size]
             token[rows[n]] = sample(logits, temperature)
             read[n] = end
-        for n in seq:
+        for n in seq:  # whoever wrote it, both models will read it
             seq[n][:, start[n] + t] = token
         from_weak[:, t], mask[:, t] = weak_owns & ~done, ~done
         done |= token == eos_token_id
@@ -147,15 +146,18 @@ def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, tempera
         draw = since_draw >= max_gap if boundaries is None else (since_draw >= max_gap) | boundaries[token]
         weak_owns = torch.where(draw, coins[t + 1], weak_owns)
         since_draw.masked_fill_(draw, 0)
-    return Rollout(seq["strong"][:, start["strong"]:start["strong"] + t], from_weak[:, :t], mask[:, :t])
+    n = int(mask.any(0).sum())  # tokens written: to the last row's eos, or T
+    return Rollout(seq["strong"][:, start["strong"]:start["strong"] + n], from_weak[:, :n], mask[:, :n])
 
-def handoff_rule(args, tokenizer, device):
-    """tandem_generate's keywords for --handoff-unit. By word, the follow-up paper's code's rule: a new draw right after
-    a token that begins with the space marker "Ġ" (SentencePiece: "▁"; a newline is none), or --max-gap tokens on."""
-    if args.handoff_unit == "token":
-        return {"max_gap": 1}
+# --handoff-unit: the next token's author is drawn again right after a token whose surface form (its string in the
+# vocabulary) the unit accepts, and --max-gap tokens after the last draw. A new unit is one more entry.
+HANDOFF_UNITS = {"token": lambda surface: True,  # the paper's: every token
+                 # the follow-up's code: after a word's first token (byte-level "Ġ", SentencePiece "▁"), not a newline
+                 "word": lambda surface: surface.startswith(("Ġ", "▁"))}
+
+def draw_rule(unit, max_gap, tokenizer, device):  # tandem_generate's keywords for --handoff-unit and --max-gap
     surfaces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return {"max_gap": args.max_gap, "boundaries": torch.tensor([s.startswith(("Ġ", "▁")) for s in surfaces], device=device)}
+    return {"boundaries": torch.tensor([HANDOFF_UNITS[unit](s) for s in surfaces], device=device), "max_gap": max_gap}
 
 def completion_texts(tokenizer, rollout):
     return [tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(rollout.tokens, rollout.mask)]
@@ -173,32 +175,29 @@ def baseline(rewards, kind="loo"):
     return torch.zeros_like(rewards)
 
 def completion_logprobs(model, prompt, tokens, mask, temperature, vocab_size=None, chunk=32):
-    """log p(token) of each generated token under `model` (B x T, differentiable); prompt = (ids, mask). Logits are
-    divided by the sampling temperature, so these are the log-probs the rollouts were drawn with (on-policy), and
-    made for the completion only, `chunk` positions at a time: B x T x vocab in float32 would be the step's largest."""
+    """log p(token) of each generated token under `model` (B x T, differentiable); prompt = (ids, mask). Logits divided
+    by the sampling temperature (on-policy), for the completion only, `chunk` positions at a time, each recomputed in
+    the backward pass instead of kept: B x T x vocab in float32 would be the step's largest tensor."""
     seq, attn = torch.cat([prompt[0], tokens], 1), torch.cat([prompt[1], mask.to(prompt[1].dtype)], 1)
     hidden = model.base_model(seq[:, :-1], attention_mask=attn[:, :-1], position_ids=position_ids(attn)[:, :-1])
     hidden, T = hidden.last_hidden_state[:, -tokens.shape[1]:], tokens.shape[1]
-    # Checkpointing each chunk recomputes its logits in the backward pass instead of keeping them.
     return torch.cat([checkpoint(chosen_logprobs, model.get_output_embeddings(), hidden[:, i:i + chunk],
                                  tokens[:, i:i + chunk], temperature, vocab_size, use_reentrant=False)
                       for i in range(0, T, chunk)], 1)
 
 def chosen_logprobs(head, hidden, tokens, temperature, vocab_size):
     logits = head(hidden)[..., :vocab_size].float()  # a bf16 log-softmax over 50k tokens is off by tenths
-    if temperature > 0:
-        logits = logits / temperature
+    logits = logits / (temperature or 1.0)  # 0 is greedy decoding (evaluation), which has no distribution: T = 1
     return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 def policy_gradient(model, prompt, rollout, advantages, temperature, micro_batch_size, vocab_size=None,
                     amp=nullcontext(), weak_token_weight=0.0):
     """Add the REINFORCE gradient to model's .grad; return the loss: -sum(advantage * log p(token)) over the strong
-    model's own tokens (eos included), divided by the number of those tokens in the whole batch (over every process),
-    so that micro-batches add up to one batch's gradient. The weak model's tokens are context, not actions, unless
-    `weak_token_weight` lets them in with that weight, as the follow-up's code can (junior_token_loss_weight, 0 in
-    its runs; its paper's lambda_jun is a KL term toward the weak model, which agrees with this only at 0)."""
+    model's own tokens (eos included) over their number in the whole batch, on every process, so that micro-batches add
+    up to one batch's gradient. Weak tokens are context, not actions, unless `weak_token_weight` w counts each w times
+    a strong one (the follow-up's code's junior_token_loss_weight, 0 in its runs; not its paper's KL term lambda_jun)."""
     weight = (rollout.mask & ~rollout.from_weak) + weak_token_weight * (rollout.mask & rollout.from_weak)
-    total_weight = max(all_sum([weight.sum().item()])[0], 1e-6)
+    total_weight = max(all_sum({"weight": weight.sum().item()})["weight"], 1e-6)
     # Rows with zero advantage or nothing to learn from add nothing: skip their forward pass.
     rows, total = ((advantages != 0) & (weight > 0).any(1)).nonzero().squeeze(1), 0.0
     for chunk in (rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)):
@@ -210,18 +209,18 @@ def policy_gradient(model, prompt, rollout, advantages, temperature, micro_batch
         total += loss.item()
     return total
 
-def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(), handoff=None, weak_prefix=None):
+def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(), rule=None, weak_prefix=None):
     """Tandem rollouts of `problems` (under torchrun, this process's share of the batch) and one REINFORCE
-    update of `strong`; returns the whole batch's metrics. `handoff`: from handoff_rule."""
+    update of `strong`; returns the whole batch's metrics. `rule`: when authors are drawn, from draw_rule."""
     k = args.samples_per_prompt
-    repeated = [p for p in problems for _ in range(k)]  # a prompt's k samples side by side
+    repeated = [p for p in problems for _ in range(k)]  # side by side, so that view(-1, k) below is a prompt's samples
     prompts = encode_prompts(tokenizer, repeated, next(strong.parameters()).device, weak_prefix)
     with amp:
         rollout = tandem_generate(strong, weak, prompts, args.handoff_prob, args.max_new_tokens, args.temperature,
                                   tokenizer.eos_token_id, len(tokenizer), shared_coins=args.coins == "batch",
-                                  **(handoff or {}))
+                                  **(rule or {}))
     texts = completion_texts(tokenizer, rollout)
-    rewards = torch.tensor([reward(t, p["answer"]) for t, p in zip(texts, repeated)]).view(-1, k)
+    rewards = torch.tensor([reward(t, p) for t, p in zip(texts, repeated)]).view(-1, k)
     advantages = (rewards - baseline(rewards, args.baseline)).view(-1).to(rollout.tokens.device)
     loss = policy_gradient(strong, prompts["strong"], rollout, advantages, args.temperature, args.micro_batch_size,
                            len(tokenizer), amp, args.weak_token_weight)
@@ -232,12 +231,12 @@ def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     switches = ((rollout.from_weak[:, 1:] != rollout.from_weak[:, :-1]) & rollout.mask[:, 1:]).sum().item()
-    n, rewarded, jargon, tokens, weak_tokens, switches, loss = all_sum(
-        [len(texts), rewards.sum().item(), sum(map(has_jargon, texts)), rollout.mask.sum().item(),
-         rollout.from_weak.sum().item(), switches, loss])
-    return {"reward": rewarded / n, "jargon_rate": jargon / n, "weak_frac": weak_tokens / max(tokens, 1),
-            "handoffs": switches / n, "loss": loss, "grad_norm": grad_norm, "mean_tokens": tokens / n,
-            "rollouts": int(n), "skipped": skipped}
+    total = all_sum({"reward": rewards.sum().item(), "rollout_jargon_rate": sum(map(has_jargon, texts)), "switches": switches,
+                     "rollout_tokens": rollout.mask.sum().item(), "rollouts": len(texts),
+                     "weak_tokens": rollout.from_weak.sum().item(), "loss": loss})  # the whole batch's
+    per_rollout = {k: total[k] / total["rollouts"] for k in ["reward", "rollout_jargon_rate", "switches", "rollout_tokens"]}
+    return per_rollout | {"weak_frac": total["weak_tokens"] / max(total["rollout_tokens"], 1), "loss": total["loss"],
+                          "grad_norm": grad_norm, "rollouts": int(total["rollouts"]), "skipped": skipped}
 
 # -----------------------------------------------------------------------------
 # Evaluation: accuracy alone and in tandem, jargon, legibility (eval.py is its command line)
@@ -253,12 +252,11 @@ def weak_nll(weak, batches, vocab_size):
 
 @torch.no_grad()
 def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_new_tokens=256, temperature=0.0,
-             batch_size=32, seed=0, amp=nullcontext(), runs=None, handoff=None, weak_prefix=None):
-    """Accuracy of the strong model alone (handoff 0), the weak one alone (1), the pair at `handoff_prob` and at each
-    of `curve`; jargon; legibility. Every rollout draws its own coins, so problems stay independent. `runs` (a dict)
-    receives (texts, [(prompts, rollout) per batch]) by handoff probability. Its own random stream: it neither
-    depends on nor disturbs training's."""
-    runs, device, n = {} if runs is None else runs, next(strong.parameters()).device, len(problems)
+             batch_size=32, seed=0, amp=nullcontext(), runs=None, rule=None, weak_prefix=None):
+    """Accuracy of the strong model alone (handoff 0), the weak one alone (1), the pair at `handoff_prob` and at each of
+    `curve`; jargon; legibility. Every rollout draws its own coins, so problems stay independent. `runs` (a dict) gets
+    (texts, [(prompts, rollout) per batch]) by handoff probability. Its own random stream, apart from training's."""
+    runs, device, n, t0 = {} if runs is None else runs, next(strong.parameters()).device, len(problems), time.time()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), amp:
         for p in dict.fromkeys([0.0, handoff_prob, 1.0, *curve]):  # each handoff probability decoded once
             if p in runs:
@@ -268,17 +266,17 @@ def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_
             for i in range(0, n, batch_size):
                 prompts = encode_prompts(tokenizer, problems[i:i + batch_size], device, weak_prefix)
                 rollout = tandem_generate(strong, weak, prompts, p, max_new_tokens, temperature, tokenizer.eos_token_id,
-                                          len(tokenizer), **(handoff or {}))
+                                          len(tokenizer), **(rule or {}))
                 texts.extend(completion_texts(tokenizer, rollout))
                 batches.append((prompts, rollout))
+            print(f"  decoded {n} problems at handoff {p:g} ({time.time() - t0:.0f}s)", flush=True)
         result = {"n": n, "weak_nll": weak_nll(weak, runs[0.0][1], len(tokenizer))}
-
     def accuracy(p):
-        return sum(reward(t, q["answer"]) for t, q in zip(runs[p][0], problems)) / n
+        return sum(correct(t, q["answer"]) for t, q in zip(runs[p][0], problems)) / n
     result |= {"strong_accuracy": accuracy(0.0), "weak_accuracy": accuracy(1.0), "tandem_accuracy": accuracy(handoff_prob),
-               "jargon_rate": sum(map(has_jargon, runs[0.0][0])) / n,
+               "strong_jargon_rate": sum(map(has_jargon, runs[0.0][0])) / n,
                "tandem_jargon_rate": sum(map(has_jargon, runs[handoff_prob][0])) / n,
-               "mean_tokens": sum(r.mask.sum().item() for _, r in runs[0.0][1]) / n}
+               "strong_tokens": sum(r.mask.sum().item() for _, r in runs[0.0][1]) / n}
     if curve:
         result["curve"] = [{"handoff_prob": p, "accuracy": accuracy(p)} for p in curve]
     return result
@@ -288,14 +286,14 @@ def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_
 
 def sft(model, tokenizer, problems, steps, batch_size, lr, jargon_frac, seed, amp=nullcontext(), name="sft"):
     """Fine-tune `model` on GSM8K solutions; a `jargon_frac` share of them keep their <<...>> annotations."""
-    rng, opt = random.Random(seed), torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng, opt, shown = random.Random(seed), torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), time.time()
     model.train()
     for step in range(1, steps + 1):
         batch = rng.sample(problems, min(batch_size, len(problems)))
         prompts = tokenizer([format_prompt(p["question"]) for p in batch])["input_ids"]
         solutions = tokenizer([" " + (p["answer"] if rng.random() < jargon_frac else strip_jargon(p["answer"]))
                                for p in batch])["input_ids"]
-        enc = tokenizer.pad({"input_ids": [(p + s + [tokenizer.eos_token_id])[:max_positions(model) or 1024]
+        enc = tokenizer.pad({"input_ids": [(p + s + [tokenizer.eos_token_id])[:max_positions(model)]
                                            for p, s in zip(prompts, solutions)]}, return_tensors="pt").to(model.device)
         ids, attn = enc["input_ids"], enc["attention_mask"]
         in_prompt = position_ids(attn) < torch.tensor([len(p) for p in prompts], device=model.device)[:, None]
@@ -306,44 +304,51 @@ def sft(model, tokenizer, problems, steps, batch_size, lr, jargon_frac, seed, am
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == steps:
+        if time.time() - shown > 10 or step == steps:  # a line every 10 s: a CPU's warm-start takes minutes
             print(f"{name} step {step}/{steps} | loss {loss.item():.3f}", flush=True)
+            shown = time.time()
     return model.eval()
 
 # -----------------------------------------------------------------------------
 # Command line and main
 
+def handoff_flags(p):  # who writes which token: the flags that tandem.py and eval.py share
+    p.add_argument("--handoff-prob", type=number(float, 0, 1), default=0.5, help="chance a draw picks the weak model (paper: 0.5; 0: strong alone)")
+    p.add_argument("--handoff-unit", default="token", choices=list(HANDOFF_UNITS), help="token: a draw per token (paper); word: after word starts (follow-up)")
+    p.add_argument("--max-gap", type=number(int, 1), default=32, help="also a draw after this many tokens without one (follow-up: 32)")
+
 def parse_args(argv=None):
-    p = Parser(description="Tandem training of a strong LM with a frozen weak partner on GSM8K.")
+    p = Parser(description="Tandem training of a strong LM with a frozen weak partner on GSM8K.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows every default
     # Models and data
     p.add_argument("--weak", default="gpt2", help="frozen weak model: hub name or local folder")
     p.add_argument("--strong", default="gpt2-medium", help="strong model to train: hub name or local folder")
     p.add_argument("--data", default="openai/gsm8k", help="hub dataset, folder with train.jsonl and test.jsonl, or a .jsonl")
     p.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads")
-    # Handoffs
-    p.add_argument("--handoff-prob", type=number(float, 0, 1), default=0.5, help="chance a draw picks the weak model (paper: 0.5; 0: plain RL)")
-    p.add_argument("--handoff-unit", default="token", choices=["token", "word"], help="token: a draw per token (paper); word: per word (follow-up)")
-    p.add_argument("--max-gap", type=number(int, 1), default=32, help="by word: a draw after this many tokens without a word start (follow-up: 32)")
+    # Handoffs (--handoff-prob 0: plain RL)
+    handoff_flags(p)
     p.add_argument("--coins", default="row", choices=["row", "batch"], help="row: every rollout draws its own; batch: one draw per step for all")
     # RL
     p.add_argument("--steps", type=number(int, 1), default=100, help="RL updates (the paper sees the jargon go within about 20)")
     p.add_argument("--batch-size", type=number(int, 1), default=32, help="prompts per RL update")
     p.add_argument("--samples-per-prompt", type=number(int, 1), default=2, help="rollouts per prompt (paper: 2)")
     p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="longest solution sampled (paper: 256)")
-    p.add_argument("--temperature", type=number(float, 0), default=0.7, help="sampling temperature of the rollouts (paper: 0.7; 0: greedy)")
+    p.add_argument("--temperature", type=number(float, 0), default=0.7, help="sampling temperature of the rollouts (paper: 0.7)")
     p.add_argument("--baseline", default="loo", choices=["loo", "mean", "none"], help="loo: mean reward of the prompt's other samples")
     p.add_argument("--weak-token-weight", type=number(float, 0), default=0.0, help="weight of the weak model's tokens in the loss (0: none)")
     p.add_argument("--lr", type=number(float, 0), default=1e-5, help="AdamW learning rate of the RL updates")
     p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip each update's gradient norm to this")
     p.add_argument("--micro-batch-size", type=number(int, 1), default=16, help="rollouts per forward/backward of the loss (memory)")
     # Warm-start
-    p.add_argument("--sft-steps", type=number(int, 0), default=1000, help="warm-start steps for each model (0: use them as given)")
+    p.add_argument("--sft-steps", type=number(int, 0), default=1000, help="warm-start steps of the strong model (0: as given)")
+    p.add_argument("--weak-sft-steps", type=number(int, 0), default=None, help="warm-start steps of the weak model (0: as given; default: --sft-steps)")
     p.add_argument("--sft-batch-size", type=number(int, 1), default=16, help="solutions per warm-start step")
     p.add_argument("--sft-lr", type=number(float, 0), default=5e-5, help="AdamW learning rate of the warm-start")
     p.add_argument("--sft-jargon-frac", type=number(float, 0, 1), default=1.0, help="share of the strong model's solutions that keep <<...>>")
     # Evaluation and the run
     p.add_argument("--eval-every", type=number(int, 0), default=20, help="evaluate every N updates, first and last too (0: never)")
     p.add_argument("--eval-limit", type=number(int, 1), default=200, help="test problems per evaluation")
+    p.add_argument("--eval-batch-size", type=number(int, 1), default=64, help="test problems decoded together")
     p.add_argument("--out", default=None, help="run folder (default runs/<date-time>)")
     p.add_argument("--resume", action="store_true", help="go on with the run in --out from its last checkpoint")
     p.add_argument("--save-every", type=number(int, 0), default=20, help="write a checkpoint every N updates (0: never)")
@@ -356,6 +361,8 @@ def parse_args(argv=None):
         p.error("the leave-one-out baseline needs --samples-per-prompt 2 or more (or --baseline mean or none)")
     if args.resume and not args.out:
         p.error("--resume needs the --out folder of the run to go on with")
+    if args.temperature == 0:
+        p.error("--temperature 0 samples greedily: rollouts need a temperature above 0 to have a policy gradient")
     return args
 
 def main(argv=None):
@@ -369,9 +376,10 @@ def main(argv=None):
     weak_prefix = read_text(args.weak_prompt) if args.weak_prompt else None
     if (out := run_folder(args)) is None:
         return
-    # The warm-start is saved in the run folder; a run that goes on in that folder reuses it.
+    # The warm-start is saved in the run folder, and a resumed run takes it from there.
     sft_path = {role: os.path.join(out, "sft", role) for role in ("strong", "weak")}
-    warm = {role: args.sft_steps > 0 and os.path.exists(path) for role, path in sft_path.items()}
+    sft_steps = {"strong": args.sft_steps, "weak": args.sft_steps if args.weak_sft_steps is None else args.weak_sft_steps}
+    warm = {role: sft_steps[role] > 0 and os.path.exists(path) for role, path in sft_path.items()}
     tokenizer, strong, weak = load_pair(sft_path["strong"] if warm["strong"] else args.strong,
                                         sft_path["weak"] if warm["weak"] else args.weak, device, args.trust_remote_code)
     check_fits(strong, weak, tokenizer, train + test, args.max_new_tokens, weak_prefix)
@@ -380,13 +388,13 @@ def main(argv=None):
 
     # Warm-start: the strong model learns the jargon, the weak one sees the same solutions without it.
     for role, model, jargon_frac in [("strong", strong, args.sft_jargon_frac), ("weak", weak, 0.0)]:
-        if args.sft_steps > 0 and not warm[role]:
-            sft(model, tokenizer, train, args.sft_steps, args.sft_batch_size, args.sft_lr, jargon_frac, args.seed, amp,
+        if sft_steps[role] > 0 and not warm[role]:
+            sft(model, tokenizer, train, sft_steps[role], args.sft_batch_size, args.sft_lr, jargon_frac, args.seed, amp,
                 f"sft {role}")
             share_weights(model)
             save_model(model, tokenizer, sft_path[role], rank)
     weak.requires_grad_(False)
-    handoff = handoff_rule(args, tokenizer, device)
+    rule = draw_rule(args.handoff_unit, args.max_gap, tokenizer, device)
 
     # RL, in eval mode: with dropout on, the gradient would be taken under another policy than the one that sampled.
     optimizer = torch.optim.AdamW(strong.parameters(), lr=args.lr, weight_decay=0.0)
@@ -395,21 +403,20 @@ def main(argv=None):
 
     def evaluation(step):  # every process evaluates (the same problems, the same result): none waits on another
         result = evaluate(strong, weak, tokenizer, test, args.handoff_prob, max_new_tokens=args.max_new_tokens, amp=amp,
-                          batch_size=args.batch_size * args.samples_per_prompt, seed=args.seed, handoff=handoff,
-                          weak_prefix=weak_prefix)
+                          batch_size=args.eval_batch_size, seed=args.seed, rule=rule, weak_prefix=weak_prefix)
         log({"step": step, "kind": "eval"} | result)
-        print(f"eval at step {step} | " + " | ".join(f"{k} {result[k]:.3f}" for k in ["strong_accuracy", "tandem_accuracy",
-                                                                                      "jargon_rate", "weak_nll"]), flush=True)
+        print(f"eval at step {step} | " + " | ".join(f"{k} {result[k]:.3f}" for k in [
+            "strong_accuracy", "tandem_accuracy", "weak_accuracy", "strong_jargon_rate", "weak_nll"]), flush=True)
 
     if args.eval_every and last_step == 0:
         evaluation(0)
     for step in range(last_step + 1, args.steps + 1):
         t0 = time.time()
         batch = rng.sample(train, min(args.batch_size, len(train)))[rank::world_size]
-        metrics = rl_step(strong, weak, tokenizer, optimizer, batch, args, amp, handoff, weak_prefix)
+        metrics = rl_step(strong, weak, tokenizer, optimizer, batch, args, amp, rule, weak_prefix)
         log({"step": step, "kind": "train"} | metrics | {"seconds": time.time() - t0})
-        shown = " | ".join(f"{k} {metrics[k]:.3f}" for k in ["reward", "jargon_rate", "weak_frac", "handoffs", "loss"])
-        print(f"step {step}/{args.steps} | {shown} | {time.time() - t0:.1f}s" + " | non-finite, skipped" * metrics["skipped"], flush=True)
+        shown = " | ".join(f"{k} {metrics[k]:.3f}" for k in ["reward", "rollout_jargon_rate", "weak_frac", "switches", "loss"])
+        print(f"step {step}/{args.steps} | {shown} | {time.time() - t0:.1f}s{' | non-finite, skipped' if metrics['skipped'] else ''}", flush=True)
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             evaluation(step)
         if args.save_every and step % args.save_every == 0:
@@ -490,8 +497,7 @@ def model_input(name):  # user_input for a model's hub name or folder
 def load_model(name, device, trust_remote_code=False):
     """A model in float32: AdamW's master copy (speed comes from autocast)."""
     with model_input(name):
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    model = model.to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code).to(device).eval()
     # The decoder and the loss take logits from the output layer: a model that rescales them after it (Gemma 2's
     # soft-capping, Cohere's logit_scale) would be trained on logits it never gives.
     ids = torch.arange(1, 9, device=device)[None]
@@ -523,8 +529,7 @@ def pick_device(name, dtype="auto"):
     bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
     return device, torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-def init_distributed(device):
-    """(rank, world_size, device) after joining torchrun's process group; (0, 1, device) without torchrun."""
+def init_distributed(device):  # (rank, world_size, device) in torchrun's process group; (0, 1, device) without
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
@@ -537,16 +542,14 @@ def init_distributed(device):
         sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
     return dist.get_rank(), dist.get_world_size(), device
 
-def all_sum(values):
-    """Sums of a few numbers over all processes (the numbers themselves in one process)."""
+def all_sum(values):  # {name: its sum over all processes} for a dict of numbers
     if not dist.is_initialized():
         return values
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
-    return t.tolist()
+    return dict(zip(values, t.tolist()))
 
-def sum_gradients(model):
-    """Add up the processes' gradients in one all-reduce (each loss is already its share of the batch's)."""
+def sum_gradients(model):  # one all-reduce adds up the processes' gradients (each loss is its share of the batch's)
     if dist.is_initialized():
         params = list(model.parameters())
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
@@ -554,13 +557,11 @@ def sum_gradients(model):
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad = g.view_as(p)
 
-def share_weights(model):
-    """Every process takes rank 0's weights (after a warm-start, which sampled differently in each)."""
+def share_weights(model):  # rank 0's weights for every process, after a warm-start that sampled differently in each
     for p in model.parameters() if dist.is_initialized() else []:
         dist.broadcast(p.data, 0)
 
-def gather(obj):
-    """[obj of every process]."""
+def gather(obj):  # [obj of every process]
     objs = [obj] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_gather_object(objs, obj)
@@ -571,7 +572,8 @@ def run_folder(args):
     out = gather(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))[0]  # rank 0's clock for all
     if os.path.exists(os.path.join(out, "final")):
         if args.resume:
-            return print(f"the run in {out} has finished (final/ is there): nothing to resume")
+            print(f"the run in {out} has finished (final/ is there): nothing to resume")
+            return None
         raise UsageError(f"--out {out} holds a finished run: choose another --out")
     if os.path.exists(os.path.join(out, "metrics.jsonl")) and not args.resume:
         raise UsageError(f"--out {out} holds a started run: add --resume to go on with it, or choose another --out")
@@ -583,18 +585,16 @@ def start_run(out, args, rank):
     if rank == 0:
         with user_input(f"--out {out}"):
             os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(vars(args) | {"out": out}, f, indent=2)
+            with open(os.path.join(out, "config.json"), "w") as f:
+                json.dump(vars(args) | {"out": out}, f, indent=2)
 
-def save_model(model, tokenizer, path, rank=0):
-    """A folder that plain transformers loads (rank 0 writes)."""
+def save_model(model, tokenizer, path, rank=0):  # a folder that plain transformers loads (rank 0 writes)
     if rank == 0:
         model.save_pretrained(path + ".tmp")  # over what a killed save left there, if anything
         tokenizer.save_pretrained(path + ".tmp")
         os.replace(path + ".tmp", path)
 
-def save_checkpoint(out, strong, optimizer, rng, step, rank):
-    """One dict: all the loop needs to go on exactly where it stopped, with every process's torch RNG."""
+def save_checkpoint(out, strong, optimizer, rng, step, rank):  # one dict: all the loop needs to go on, every RNG too
     rng_torch = gather((torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None))
     if rank == 0:
         path = os.path.join(out, "checkpoint.pt")
@@ -603,9 +603,8 @@ def save_checkpoint(out, strong, optimizer, rng, step, rank):
         os.replace(path + ".tmp", path)
 
 def resume(out, strong, optimizer, rng, rank, resuming):
-    """(last_step, log): the step after which the last checkpoint in `out` was written (0 if there is none, or
-    without --resume), restored; and log(row), which adds a row to metrics.jsonl (rank 0 writes) once the rows a
-    killed run wrote after that checkpoint are gone, so that every step is there once."""
+    """(last_step, log): the step of the checkpoint in `out`, restored (0 without one or without --resume); and log(row),
+    which adds a row to metrics.jsonl (rank 0 writes) once the rows written after that checkpoint are gone."""
     path, metrics_path, last_step, rows = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl"), 0, []
     if resuming and os.path.exists(path):
         state = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: a checkpoint can't run code
@@ -617,8 +616,9 @@ def resume(out, strong, optimizer, rng, rank, resuming):
             if torch.cuda.is_available() and state["rng_torch"][rank][1] is not None:
                 torch.cuda.set_rng_state(state["rng_torch"][rank][1])
         last_step = state["step"]
-        with open(metrics_path) as f:  # a line that a kill cut short has no newline
-            rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= last_step]
+        if os.path.exists(metrics_path):  # a line that a kill cut short has no newline
+            with open(metrics_path) as f:
+                rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= last_step]
     if resuming:
         print(f"resuming after step {last_step} from {path}" if last_step else f"no checkpoint in {out}: from step 1")
     if rank != 0:

@@ -8,6 +8,7 @@ tandem.py's banners in its order.
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -26,8 +27,8 @@ import eval as evaluation  # noqa: E402
 from transformers import GPT2Config  # noqa: E402
 import tandem  # noqa: E402
 from tandem import (  # noqa: E402
-    Rollout, baseline, completion_logprobs, extract_answer, has_jargon, load_gsm8k, policy_gradient, position_ids,
-    reward, strip_jargon, tandem_generate,
+    Rollout, baseline, completion_logprobs, correct, extract_answer, has_jargon, load_gsm8k, policy_gradient,
+    position_ids, reward, strip_jargon, tandem_generate,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -79,9 +80,10 @@ def make_tokenizer(corpus=None, vocab_size=320, eos="<|endoftext|>"):
     return fast
 
 
-def make_model(path, tokenizer, n_layer, seed, vocab_size=None, n_embd=48, n_head=2, family="gpt2"):
+def make_model(path, tokenizer, n_layer, seed, vocab_size=None, n_embd=48, n_head=2, family="gpt2", **config):
     """A randomly initialised GPT-2 (absolute positions) or Llama (rotary positions, grouped-query attention:
-    4 query heads share 2 key/value heads), saved to `path` with the tokenizer unless path is None."""
+    4 query heads share 2 key/value heads), saved to `path` with the tokenizer unless path is None. `config`:
+    more GPT2Config fields."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -92,7 +94,7 @@ def make_model(path, tokenizer, n_layer, seed, vocab_size=None, n_embd=48, n_hea
                                              max_position_embeddings=128, **ids)).eval()
     else:
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size or len(tokenizer), n_positions=128, n_embd=n_embd,
-                                           n_layer=n_layer, n_head=n_head, **ids)).eval()
+                                           n_layer=n_layer, n_head=n_head, **ids, **config)).eval()
     if path is not None:
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
@@ -174,17 +176,18 @@ def test_extract_answer_formats():
     assert extract_answer("") is None
 
 
-def test_reward_on_real_gsm8k_answers():
+def test_correct_and_reward_on_real_gsm8k_answers():
     for problem, gold in zip(GSM8K_SAMPLES, GSM8K_GOLDS):
         answer = problem["answer"]
-        assert reward(answer, answer) == 1.0
-        assert reward(answer, gold) == 1.0  # a bare gold number
-        assert reward(strip_jargon(answer), answer) == 1.0
-        assert reward(answer.rsplit("####", 1)[0], answer) == 0.0  # no "####": no reward
-        assert reward(f"#### {int(gold) + 1}", answer) == 0.0
-    assert reward("so 2125 blocks.\n#### 2125", GSM8K_SAMPLES[1]["answer"]) == 1.0
-    assert reward(" 9 * 2 = 18 dollars.\n#### $18.00<|endoftext|>", GSM8K_SAMPLES[0]["answer"]) == 1.0
-    assert reward("#### 10", GSM8K_SAMPLES[2]["answer"]) == 0.0  # the sign matters
+        assert correct(answer, answer) and reward(answer, problem) == 1.0
+        assert correct(answer, gold)  # a bare gold number
+        assert correct(strip_jargon(answer), answer) and reward(strip_jargon(answer), problem) == 1.0
+        assert not correct(answer.rsplit("####", 1)[0], answer)  # no "####": not an answer
+        assert reward(answer.rsplit("####", 1)[0], problem) == 0.0
+        assert not correct(f"#### {int(gold) + 1}", answer) and reward(f"#### {int(gold) + 1}", problem) == 0.0
+    assert correct("so 2125 blocks.\n#### 2125", GSM8K_SAMPLES[1]["answer"])
+    assert correct(" 9 * 2 = 18 dollars.\n#### $18.00<|endoftext|>", GSM8K_SAMPLES[0]["answer"])
+    assert not correct("#### 10", GSM8K_SAMPLES[2]["answer"])  # the sign matters
 
 
 @pytest.mark.skipif(not SHARED_GSM8K.is_dir(), reason="needs ../shared/gsm8k")
@@ -195,8 +198,8 @@ def test_reward_on_the_whole_dataset():
         for p in problems:
             gold = extract_answer(p["answer"])
             assert gold is not None and gold.lstrip("-").isdigit(), p["answer"]  # every gold is an integer
-            assert reward(p["answer"], p["answer"]) == 1.0
-            assert reward(strip_jargon(p["answer"]), gold) == 1.0
+            assert correct(p["answer"], p["answer"]) and reward(p["answer"], p) == 1.0
+            assert correct(strip_jargon(p["answer"]), gold)
             assert not has_jargon(strip_jargon(p["answer"]))
     test = load_gsm8k("test", str(SHARED_GSM8K))
     assert sum("," in p["answer"].split("####")[-1] for p in test) == 14
@@ -336,6 +339,27 @@ def test_decoder_is_seeded(tiny):
     assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].from_weak, runs[1].from_weak)
 
 
+def test_decoder_samples_each_authors_tokens_at_the_temperature(tiny):
+    """At T = 0.5 each author's tokens follow softmax(its logits / T), the distribution completion_logprobs
+    scores (at T = 1, or greedy, the rollouts would be off-policy). One token of 20000 rows of one prompt,
+    from models whose logits are spread wide enough for the two temperatures to differ."""
+    models = {"strong": make_model(None, tiny.tok, n_layer=2, seed=1), "weak": make_model(None, tiny.tok, n_layer=1, seed=2)}
+    for model in models.values():
+        model.get_output_embeddings().weight.data *= 3
+    prompts = left_padded(tiny.tok, ["Question: What is 2 plus 3?\nAnswer:"] * 20000)
+    torch.manual_seed(0)
+    got = tandem_generate(models["strong"], models["weak"], prompts, 0.5, 1, 0.5, -1, len(tiny.tok))
+    for name, rows in [("strong", ~got.from_weak[:, 0]), ("weak", got.from_weak[:, 0])]:
+        with torch.no_grad():
+            logits = models[name](prompts[name][0][:1]).logits[0, -1]
+        seen = torch.bincount(got.tokens[rows, 0], minlength=len(tiny.tok)) / rows.sum()
+
+        def distance(p):  # total variation
+            return 0.5 * (seen - p).abs().sum().item()
+        assert distance(logits.div(0.5).softmax(-1)) < 0.1  # sampling noise: about 0.06
+        assert distance(logits.softmax(-1)) > 0.2 and distance(torch.eye(len(seen))[logits.argmax()]) > 0.3, name
+
+
 def decode_recording_logits(tiny, *args, amp=tandem.nullcontext(), **kwargs):
     """tandem_generate(tiny.strong, tiny.weak, *args, **kwargs), and every logits tensor each
     model's output layer produced in it, in order: {"strong": [...], "weak": [...]}."""
@@ -409,14 +433,14 @@ def test_bfloat16_autocast_decodes_and_learns_like_float32(tiny):
 
 
 def test_word_boundaries_are_the_tokens_that_begin_with_the_space_marker(tiny):
-    boundaries = tandem.handoff_rule(Namespace(handoff_unit="word", max_gap=32), tiny.tok, "cpu")["boundaries"]
+    boundaries = tandem.draw_rule("word", 32, tiny.tok, "cpu")["boundaries"]
     surfaces = tiny.tok.convert_ids_to_tokens(list(range(len(tiny.tok))))
     assert boundaries.tolist() == [s.startswith("Ġ") for s in surfaces]  # as the follow-up's code builds them
     texts = tiny.tok.batch_decode([[i] for i in range(len(tiny.tok))])
     assert boundaries.tolist() == [t.startswith(" ") for t in texts]  # in byte-level BPE: text that begins with a space
     plus, bare, newline = (tiny.tok(t)["input_ids"][0] for t in [" plus", "plus", "\n"])
     assert boundaries[plus] and not boundaries[bare] and not boundaries[newline]
-    assert tandem.handoff_rule(Namespace(handoff_unit="token", max_gap=32), tiny.tok, "cpu") == {"max_gap": 1}
+    assert tandem.draw_rule("token", 32, tiny.tok, "cpu")["boundaries"].all()  # a draw after every token
 
 
 def test_word_handoffs_follow_the_follow_up_codes_rule(tiny, monkeypatch):
@@ -452,10 +476,26 @@ def test_word_handoffs_follow_the_follow_up_codes_rule(tiny, monkeypatch):
             next(calls)  # the weak model's rows
     at_sampling = torch.cat(at_sampling)
     assert own.sum() > 50 and torch.allclose(logp.T[own.T], at_sampling, atol=1e-5)
-    # The same decoding by token hands off far more often: the `handoffs` metric tells them apart.
+    # The same decoding by token switches authors far more often: the `switches` metric tells them apart.
     torch.manual_seed(0)
     by_token = tandem_generate(tiny.strong, tiny.weak, prompts, 0.5, 40, 1.5, -1, len(tiny.tok))
     assert switches(by_token) > 1.5 * switches(got)
+
+
+def test_a_new_handoff_unit_is_one_entry(warm, monkeypatch):
+    """A fork's own rule, here each line written by one author drawn at its start, is one entry in
+    HANDOFF_UNITS: both command lines offer it, and the authors change only right after a newline."""
+    monkeypatch.setitem(tandem.HANDOFF_UNITS, "line", lambda surface: "Ċ" in surface)
+    args = tandem.parse_args(["--handoff-unit", "line", "--max-gap", "1000"])
+    assert evaluation.parse_args(["--strong", "s", "--weak", "w", "--handoff-unit", "line"]).handoff_unit == "line"
+    tok, strong, weak = tandem.load_pair(str(warm / "strong"), str(warm / "weak"), "cpu")
+    rule = tandem.draw_rule(args.handoff_unit, args.max_gap, tok, "cpu")
+    prompts = tandem.encode_prompts(tok, toy_problems(32, seed=5), "cpu")
+    torch.manual_seed(0)
+    got = tandem_generate(strong, weak, prompts, 0.5, 24, 1.0, tok.eos_token_id, len(tok), **rule)
+    switched = (got.from_weak[:, 1:] != got.from_weak[:, :-1]) & got.mask[:, 1:]
+    after_newline = rule["boundaries"][got.tokens[:, :-1]]
+    assert switched.sum() >= 5 and not (switched & ~after_newline).any()
 
 
 def switches(rollout):
@@ -575,7 +615,7 @@ def test_weak_tokens_get_no_gradient(tiny):
 
 
 def test_a_non_finite_gradient_skips_the_update(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(tandem, "reward", lambda completion, gold: 1.0)  # with no baseline: every advantage is 1
+    monkeypatch.setattr(tandem, "reward", lambda completion, problem: 1.0)  # with no baseline: every advantage is 1
     model = make_model(tmp_path / "m", tiny.tok, n_layer=1, seed=6)
     model.transformer.h[0].mlp.c_fc.weight.register_hook(lambda grad: grad * float("nan"))
     before = [p.detach().clone() for p in model.parameters()]
@@ -606,6 +646,21 @@ def test_reinforce_learns_a_learnable_task(tiny, tmp_path):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"\nREINFORCE, 30 steps of 40 rollouts: reward {first:.2f} (first 5 steps) -> {last:.2f} (last 5)")
     assert first < 0.4 and last > 0.8
+
+
+def test_another_reward_changes_rl_and_not_the_accuracies(warm, monkeypatch):
+    """A fork's own verifier replaces `reward`: RL learns from it, while evaluation keeps saying which answers are right."""
+    tok, strong, weak = tandem.load_pair(str(warm / "strong"), str(warm / "weak"), "cpu")
+    problems = toy_problems(8, seed=6)
+    before = tandem.evaluate(strong, weak, tok, problems, 0.5, max_new_tokens=24, batch_size=8)
+    seen = []
+    monkeypatch.setattr(tandem, "reward", lambda completion, problem: seen.append(problem) or 0.25)
+    args = tandem.parse_args(["--max-new-tokens", "24", "--temperature", "1.0"])
+    optimizer = torch.optim.AdamW(strong.parameters(), lr=0.0)
+    assert tandem.rl_step(strong, weak, tok, optimizer, problems, args)["reward"] == 0.25
+    assert seen == [p for p in problems for _ in range(2)]  # each rollout's whole problem record
+    assert tandem.evaluate(strong, weak, tok, problems, 0.5, max_new_tokens=24, batch_size=8) == before
+    assert 0 < before["strong_accuracy"] < 1
 
 
 # -----------------------------------------------------------------------------
@@ -644,9 +699,9 @@ def test_evaluate_keys_and_ranges(tiny):
     result = tandem.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, curve=[0.0, 0.5, 1.0],
                                  max_new_tokens=12, batch_size=4)
     assert result["n"] == 6
-    for key in ["strong_accuracy", "weak_accuracy", "tandem_accuracy", "jargon_rate", "tandem_jargon_rate"]:
+    for key in ["strong_accuracy", "weak_accuracy", "tandem_accuracy", "strong_jargon_rate", "tandem_jargon_rate"]:
         assert 0 <= result[key] <= 1, key
-    assert result["weak_nll"] > 0 and 0 < result["mean_tokens"] <= 12
+    assert result["weak_nll"] > 0 and 0 < result["strong_tokens"] <= 12
     assert [c["handoff_prob"] for c in result["curve"]] == [0.0, 0.5, 1.0]
     assert result["curve"][0]["accuracy"] == result["strong_accuracy"]
     assert result["curve"][-1]["accuracy"] == result["weak_accuracy"]
@@ -665,8 +720,8 @@ def test_evaluate_accuracy_and_legibility_by_hand(tiny):
     golds = [tandem.extract_answer(p["answer"]) for p in problems]
     assert 0 < golds.count("7") < len(golds)
     assert result["strong_accuracy"] == golds.count("7") / len(golds)
-    assert result["jargon_rate"] == 1.0
-    assert result["mean_tokens"] == len(strong.script)
+    assert result["strong_jargon_rate"] == 1.0
+    assert result["strong_tokens"] == len(strong.script)
     assert result["curve"][0]["accuracy"] == result["strong_accuracy"]
     assert result["curve"][1]["accuracy"] == result["weak_accuracy"]
     # Legibility: the weak model's mean NLL of the script, one uncached forward per problem.
@@ -704,11 +759,11 @@ def test_cli_end_to_end(warm, tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2, 3]
     evals = [r for r in log if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 3]  # the starting point, every 2 steps, the end
-    assert all({"strong_accuracy", "tandem_accuracy", "jargon_rate"} <= r.keys() for r in evals)
+    assert all({"strong_accuracy", "tandem_accuracy", "strong_jargon_rate"} <= r.keys() for r in evals)
     assert evals[-1]["n"] == 8
     for r in rows:
-        assert {"reward", "jargon_rate", "weak_frac", "handoffs", "loss", "seconds"} <= r.keys()
-        assert 0 <= r["reward"] <= 1 and 0 <= r["jargon_rate"] <= 1 and 0 < r["weak_frac"] < 1 and r["handoffs"] > 0
+        assert {"reward", "rollout_jargon_rate", "weak_frac", "switches", "loss", "seconds"} <= r.keys()
+        assert 0 <= r["reward"] <= 1 and 0 <= r["rollout_jargon_rate"] <= 1 and 0 < r["weak_frac"] < 1 and r["switches"] > 0
     assert any(r["reward"] > 0 for r in rows)
     assert json.loads((out / "config.json").read_text())["handoff_prob"] == 0.5
     final = tandem.AutoModelForCausalLM.from_pretrained(out / "final")
@@ -727,12 +782,15 @@ def test_cli_end_to_end(warm, tmp_path, capsys):
 
 
 def test_cli_trains_a_llama_pair(llama, tmp_path, capsys):
-    """The whole script on a Llama-architecture pair whose tokenizer ends text with <|im_end|>: the
-    warm-start, two RL updates with word handoffs, evaluations, and a final/ that plain transformers loads."""
+    """The whole script on a Llama-architecture pair whose tokenizer ends text with <|im_end|>: the strong model's
+    warm-start (the weak one's is 0 steps: as given), two RL updates with word handoffs, evaluations, and a final/
+    that plain transformers loads."""
     data, out = write_data(tmp_path / "gsm8k", n_train=50, n_test=4), tmp_path / "run"
-    run_main(capsys, tandem, "--strong", llama.root / "strong", "--weak", llama.root / "weak", "--data", data, "--out", out,
-             "--sft-steps", "10", "--steps", "2", "--batch-size", "4", "--max-new-tokens", "12", "--eval-every", "2",
-             "--eval-limit", "4", "--handoff-unit", "word", "--device", "cpu")
+    printed = run_main(capsys, tandem, "--strong", llama.root / "strong", "--weak", llama.root / "weak", "--data", data,
+                       "--out", out, "--sft-steps", "10", "--weak-sft-steps", "0", "--steps", "2", "--batch-size", "4",
+                       "--max-new-tokens", "12", "--eval-every", "2", "--eval-limit", "4", "--handoff-unit", "word",
+                       "--device", "cpu")
+    assert "sft strong step 10/10" in printed and "sft weak" not in printed and not (out / "sft" / "weak").exists()
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2, 2]
     final = tandem.AutoModelForCausalLM.from_pretrained(out / "final")
     assert type(final).__name__ == "LlamaForCausalLM" and final.config.num_key_value_heads == 2
@@ -742,12 +800,13 @@ def test_cli_trains_a_llama_pair(llama, tmp_path, capsys):
 
 
 def test_tandem_training_removes_jargon_and_plain_rl_does_not():
-    """A strong model warm-started on mostly annotated solutions of single-digit sums, a weak one on plain
-    solutions. From one warm-start, 120 REINFORCE steps at handoff 0.5 must make the strong model drop the
-    annotations and write text the weak one can continue, while keeping most of its solo accuracy;
-    the same 120 steps at handoff 0 (plain RL) must leave the annotations in place. TANDEM_TOY_SEED picks
-    another seed; TANDEM_TOY_COINS=batch shares the coins over the batch, TANDEM_TOY_SAMPLES=4 makes the same
-    64 rollouts 16 prompts x 4."""
+    """The paper's claim in miniature, both halves. A strong model (3 layers, 400 warm-start steps) is warm-started
+    on mostly annotated solutions of single-digit sums; a weak one, smaller and trained less (2 layers, 150 steps),
+    on plain solutions, so that alone it solves fewer. From one warm-start, 120 REINFORCE steps at handoff 0.5 must
+    make the strong model drop the annotations and write text the weak one can continue, while it stays well above
+    the weak model alone; the same 120 steps at handoff 0 (plain RL) must leave the annotations in place.
+    TANDEM_TOY_SEED picks another seed; TANDEM_TOY_COINS=batch shares the coins over the batch,
+    TANDEM_TOY_SAMPLES=4 makes the same 64 rollouts 16 prompts x 4."""
     seed = int(os.environ.get("TANDEM_TOY_SEED", "0"))
     coins, samples = os.environ.get("TANDEM_TOY_COINS", "row"), int(os.environ.get("TANDEM_TOY_SAMPLES", "2"))
     start_time = time.time()
@@ -755,11 +814,12 @@ def test_tandem_training_removes_jargon_and_plain_rl_does_not():
     tok = make_tokenizer([tandem.format_prompt("") + " #### <<>>"], vocab_size=285)
     # Single-digit sums, "3+4?": short prompts keep the warm-start cheap.
     train, test = toy_problems(4000, seed, "{a}+{b}?"), toy_problems(200, seed + 1000, "{a}+{b}?")
-    strong = make_model(None, tok, n_layer=3, seed=seed, n_embd=64, n_head=4)
-    weak = make_model(None, tok, n_layer=2, seed=seed + 1, n_embd=64, n_head=4)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # models this small learn sums faster without
+    strong = make_model(None, tok, n_layer=3, seed=seed, n_embd=64, n_head=4, **no_dropout)
+    weak = make_model(None, tok, n_layer=2, seed=seed + 1, n_embd=64, n_head=4, **no_dropout)
     # 10% of the strong model's warm-start is plain: without it, it could not read the weak model's text at all.
-    tandem.sft(strong, tok, train, steps=300, batch_size=32, lr=3e-3, jargon_frac=0.9, seed=seed, name="sft strong")
-    tandem.sft(weak, tok, train, steps=300, batch_size=32, lr=3e-3, jargon_frac=0.0, seed=seed + 1, name="sft weak")
+    tandem.sft(strong, tok, train, steps=400, batch_size=32, lr=3e-3, jargon_frac=0.9, seed=seed, name="sft strong")
+    tandem.sft(weak, tok, train, steps=150, batch_size=32, lr=3e-3, jargon_frac=0.0, seed=seed + 1, name="sft weak")
     weak.requires_grad_(False)
     warm_start = {k: v.clone() for k, v in strong.state_dict().items()}
 
@@ -778,21 +838,24 @@ def test_tandem_training_removes_jargon_and_plain_rl_does_not():
             tandem.rl_step(strong, weak, tok, optimizer, rng.sample(train, 64 // samples), args)
         results[arm] = evaluate()
 
-    print(f"\ntoy world, seed {seed}, {coins} coins, {64 // samples} prompts x {samples}: weak model alone "
-          f"{results['warm-start']['weak_accuracy']:.3f}; greedy, {len(test)} test problems ({time.time() - start_time:.0f}s)")
-    print(f"{'':24s} {'strong alone':>12s} {'tandem 0.5':>10s} {'jargon':>7s} {'weak NLL':>8s}")
+    print(f"\ntoy world, seed {seed}, {coins} coins, {64 // samples} prompts x {samples}: greedy, {len(test)} test problems "
+          f"({time.time() - start_time:.0f}s)")
+    print(f"{'':24s} {'strong alone':>12s} {'tandem 0.5':>10s} {'weak alone':>10s} {'jargon':>7s} {'weak NLL':>8s}")
     for name, r in results.items():
-        print(f"{name:24s} {r['strong_accuracy']:12.3f} {r['tandem_accuracy']:10.3f} {r['jargon_rate']:7.2f} "
-              f"{r['weak_nll']:8.3f}")
+        print(f"{name:24s} {r['strong_accuracy']:12.3f} {r['tandem_accuracy']:10.3f} {r['weak_accuracy']:10.3f} "
+              f"{r['strong_jargon_rate']:7.2f} {r['weak_nll']:8.3f}")
     start, tandem_rl, plain_rl = results.values()
-    assert start["jargon_rate"] > 0.9 and start["strong_accuracy"] > 0.6  # the warm-start speaks jargon and solves sums
-    # Tandem training: the jargon goes, the pair gets much better together, the strong model stays good alone.
-    assert tandem_rl["jargon_rate"] < 0.1
+    weak_alone = start["weak_accuracy"]  # the weak model is frozen: the same in every row
+    # The warm-start speaks jargon, solves sums, and more of them than the weak model does.
+    assert start["strong_jargon_rate"] > 0.9 and start["strong_accuracy"] > max(0.8, weak_alone + 0.1)
+    # Tandem training: the jargon goes, the pair gets much better together, the weak model finds the strong model's
+    # solutions likelier, and the strong model alone stays well above the weak one alone.
+    assert tandem_rl["strong_jargon_rate"] < 0.1
     assert tandem_rl["tandem_accuracy"] > start["tandem_accuracy"] + 0.2
-    assert tandem_rl["strong_accuracy"] > start["strong_accuracy"] - 0.25
-    assert tandem_rl["weak_nll"] < start["weak_nll"] / 3
+    assert tandem_rl["weak_nll"] < start["weak_nll"] / 1.5
+    assert tandem_rl["strong_accuracy"] > weak_alone + 0.15
     # Plain RL: the same number of updates leaves the jargon, and the pair no better off than tandem RL makes it.
-    assert plain_rl["jargon_rate"] > 0.9
+    assert plain_rl["strong_jargon_rate"] > 0.9
     assert plain_rl["tandem_accuracy"] < tandem_rl["tandem_accuracy"] - 0.2
 
 
@@ -849,6 +912,8 @@ def bad_inputs(tiny, tmp_path_factory):
     for name in ["config.json", "tokenizer.json", "tokenizer_config.json"]:
         shutil.copy(tiny.root / "strong" / name, root / "broken_model")
     (root / "broken_model" / "model.safetensors").write_bytes(b"not safetensors")
+    (root / "train_rows_only").mkdir()
+    (root / "train_rows_only" / "metrics.jsonl").write_text(json.dumps({"step": 1, "kind": "train"}) + "\n")
     return root
 
 
@@ -880,6 +945,7 @@ TANDEM_ONLY = [
     (["--weak-token-weight", "-1"], "argument --weak-token-weight: must be at least 0"),
     (["--max-new-tokens", "16", "--out", "{root}/malformed.jsonl"], "malformed.jsonl: File exists"),  # found once loaded
     (["--unknown-flag"], "unrecognized arguments: --unknown-flag"),
+    (["--temperature", "0"], "--temperature 0 samples greedily"),
 ]
 
 
@@ -887,6 +953,8 @@ EVAL_ONLY = [
     (["--limit", "0"], "argument --limit: must be at least 1"),
     (["--curve", "0,half"], "argument --curve: invalid curve value: '0,half'"),
     (["--json", "{root}/missing/eval.json"], "its folder does not exist"),
+    (["--plot", "{root}/missing"], "missing: no metrics.jsonl there"),
+    (["--plot", "{root}/train_rows_only"], "has no evaluation rows"),
 ]
 
 
@@ -953,6 +1021,26 @@ def test_a_killed_run_resumes_to_the_same_result(warm, tmp_path, capsys):
     tandem.main(flags(killed, "--resume"))
     assert "nothing to resume" in capsys.readouterr().out
     assert "holds a finished run" in usage_error(capsys, tandem, flags(killed))
+
+
+def test_resume_goes_on_when_the_metrics_file_is_gone(warm, tmp_path, capsys):
+    data, out = write_data(tmp_path / "gsm8k"), tmp_path / "run"
+    flags = ["--strong", warm / "strong", "--weak", warm / "weak", "--data", data, "--out", out, "--sft-steps", "0",
+             "--batch-size", "4", "--max-new-tokens", "8", "--temperature", "1.0", "--eval-every", "0", "--save-every", "1",
+             "--device", "cpu"]
+    run_main(capsys, tandem, *flags, "--steps", "2")
+    shutil.rmtree(out / "final")
+    (out / "metrics.jsonl").unlink()
+    assert "resuming after step 2" in run_main(capsys, tandem, *flags, "--steps", "3", "--resume")
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [3]
+
+
+@pytest.mark.parametrize("module", [tandem, evaluation])
+def test_help_shows_every_flags_default(module, capsys):
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    flags = [line for line in capsys.readouterr().out.split("\n  -")[1:] if not line.startswith("h, --help")]
+    assert len(flags) > 20 and all("(default: " in " ".join(f.split()) for f in flags), flags
 
 
 def test_a_logged_row_is_in_the_file_at_once(tmp_path):
@@ -1033,7 +1121,7 @@ def test_torchrun_with_two_processes(warm, tmp_path):
 
     shutil.rmtree(out / "final")
     assert "resuming after step 2" in torchrun("--resume")
-    # The same rows to the last digit: each rank's rollouts (their handoffs set weak_frac) went on as before.
+    # The same rows to the last digit: each rank's rollouts (their author draws set weak_frac) went on as before.
     assert metrics() == rows
     resumed = tandem.AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     assert all(torch.equal(final[k], resumed[k]) for k in final)
@@ -1073,6 +1161,50 @@ def test_eval_cli_writes_json(tiny, tmp_path, capsys):
         assert 0 <= low <= result[f"{key}_accuracy"] <= high <= 1 and high - low > 0.3  # wide on 4 problems
         assert f"{result[f'{key}_accuracy']:.3f}  [{low:.3f}, {high:.3f}]" in stdout
     assert all(c["ci"][0] <= c["accuracy"] <= c["ci"][1] for c in result["curve"])
+
+
+def eval_row(step, jargon, strong, pair):
+    return {"step": step, "kind": "eval", "n": 50, "strong_jargon_rate": jargon, "strong_accuracy": strong,
+            "tandem_accuracy": pair, "weak_accuracy": 0.5}
+
+
+def test_plot_draws_the_runs_curves(tmp_path, capsys, monkeypatch):
+    for run, rows in [("tandem", [eval_row(0, 1.0, 0.8, 0.4), eval_row(10, 0.3, 0.8, 0.6), eval_row(20, 0.0, 0.78, 0.7)]),
+                      ("plain", [eval_row(0, 1.0, 0.8, 0.4), eval_row(20, 1.0, 0.9, 0.42)])]:
+        (tmp_path / run).mkdir()
+        rows.insert(1, {"step": 1, "kind": "train", "reward": 0.5})
+        (tmp_path / run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--plot", tmp_path / "tandem", tmp_path / "plain", "--out", tmp_path / "curves.png"]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert "pip install matplotlib" in usage_error(capsys, evaluation, argv)
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    assert "wrote" in run_main(capsys, evaluation, *argv)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_make_data_writes_word_problems_in_gsm8k_format(tmp_path, capsys):
+    run_main(capsys, evaluation, "--make-data", tmp_path / "a")
+    train, test = load_gsm8k("train", str(tmp_path / "a")), load_gsm8k("test", str(tmp_path / "a"))
+    assert len(train) == 2000 and len(test) == 500
+    questions = [p["question"] for p in test]
+    assert len(set(questions)) == 500 and not set(questions) & {p["question"] for p in train}
+    steps = []
+    for p in train + test:
+        lines = p["answer"].split("\n")
+        assert lines[-1] == "#### " + extract_answer(p["answer"]) and extract_answer(p["answer"]).isdigit()
+        annotations = re.findall(r"<<(\d+)([-+*/])(\d+)=(\d+)>>", p["answer"])
+        assert len(annotations) == len(lines) - 1  # one annotated step a line
+        for a, op, b, result in annotations:
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) / int(b)}[op] == int(result)
+        assert annotations[-1][3] == extract_answer(p["answer"])  # the last step is the answer
+        assert correct(strip_jargon(p["answer"]), p["answer"]) and p["question"].endswith("have now?")
+        steps.append(len(annotations))
+    assert set(steps) == {1, 2, 3}
+    run_main(capsys, evaluation, "--make-data", tmp_path / "b")
+    run_main(capsys, evaluation, "--make-data", tmp_path / "c", "--seed", "1")
+    assert (tmp_path / "a" / "test.jsonl").read_text() == (tmp_path / "b" / "test.jsonl").read_text()  # seeded
+    assert (tmp_path / "a" / "test.jsonl").read_text() != (tmp_path / "c" / "test.jsonl").read_text()
 
 
 def test_bench_parts_run_on_tiny_models(tiny):
