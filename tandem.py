@@ -270,7 +270,7 @@ def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_
                 texts.extend(completion_texts(tokenizer, rollout))
                 batches.append((prompts, rollout))
             print(f"  decoded {n} problems at handoff {p:g} ({time.time() - t0:.0f}s)", flush=True)
-        result = {"n": n, "weak_nll": weak_nll(weak, runs[0.0][1], len(tokenizer))}
+        result = {"n": n, "tandem_handoff_prob": handoff_prob, "weak_nll": weak_nll(weak, runs[0.0][1], len(tokenizer))}
     def accuracy(p):
         return sum(correct(t, q["answer"]) for t, q in zip(runs[p][0], problems)) / n
     result |= {"strong_accuracy": accuracy(0.0), "weak_accuracy": accuracy(1.0), "tandem_accuracy": accuracy(handoff_prob),
@@ -325,8 +325,7 @@ def parse_args(argv=None):
     p.add_argument("--strong", default="gpt2-medium", help="strong model to train: hub name or local folder")
     p.add_argument("--data", default="openai/gsm8k", help="hub dataset, folder with train.jsonl and test.jsonl, or a .jsonl")
     p.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads")
-    # Handoffs (--handoff-prob 0: plain RL)
-    handoff_flags(p)
+    handoff_flags(p)  # handoffs (--handoff-prob 0: plain RL)
     p.add_argument("--coins", default="row", choices=["row", "batch"], help="row: every rollout draws its own; batch: one draw per step for all")
     # RL
     p.add_argument("--steps", type=number(int, 1), default=100, help="RL updates (the paper sees the jargon go within about 20)")
@@ -349,6 +348,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=number(int, 0), default=20, help="evaluate every N updates, first and last too (0: never)")
     p.add_argument("--eval-limit", type=number(int, 1), default=200, help="test problems per evaluation")
     p.add_argument("--eval-batch-size", type=number(int, 1), default=64, help="test problems decoded together")
+    p.add_argument("--eval-handoff-prob", type=number(float, 0, 1), default=0.5, help="the pair's handoff probability in evaluations, plain RL's too")
     p.add_argument("--out", default=None, help="run folder (default runs/<date-time>)")
     p.add_argument("--resume", action="store_true", help="go on with the run in --out from its last checkpoint")
     p.add_argument("--save-every", type=number(int, 0), default=20, help="write a checkpoint every N updates (0: never)")
@@ -402,7 +402,7 @@ def main(argv=None):
     last_step, log = resume(out, strong, optimizer, rng, rank, args.resume)
 
     def evaluation(step):  # every process evaluates (the same problems, the same result): none waits on another
-        result = evaluate(strong, weak, tokenizer, test, args.handoff_prob, max_new_tokens=args.max_new_tokens, amp=amp,
+        result = evaluate(strong, weak, tokenizer, test, args.eval_handoff_prob, max_new_tokens=args.max_new_tokens, amp=amp,
                           batch_size=args.eval_batch_size, seed=args.seed, rule=rule, weak_prefix=weak_prefix)
         log({"step": step, "kind": "eval"} | result)
         print(f"eval at step {step} | " + " | ".join(f"{k} {result[k]:.3f}" for k in [

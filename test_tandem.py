@@ -781,6 +781,18 @@ def test_cli_end_to_end(warm, tmp_path, capsys):
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2, 2]
 
 
+def test_plain_rl_is_evaluated_in_tandem_at_the_papers_handoff(warm, tmp_path, capsys):
+    """The control's rollouts are the strong model's alone, but its pair accuracy is at --eval-handoff-prob (0.5), as
+    the tandem run's is: the two runs' curves compare."""
+    data, out = write_data(tmp_path / "gsm8k", n_test=8), tmp_path / "run"
+    run_main(capsys, tandem, "--strong", warm / "strong", "--weak", warm / "weak", "--data", data, "--out", out,
+             "--sft-steps", "0", "--handoff-prob", "0", "--steps", "1", "--batch-size", "4", "--max-new-tokens", "16",
+             "--temperature", "1.0", "--eval-every", "1", "--device", "cpu")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tandem_handoff_prob"] for r in rows if r["kind"] == "eval"] == [0.5, 0.5]
+    assert [r["weak_frac"] for r in rows if r["kind"] == "train"] == [0.0]
+
+
 def test_cli_trains_a_llama_pair(llama, tmp_path, capsys):
     """The whole script on a Llama-architecture pair whose tokenizer ends text with <|im_end|>: the strong model's
     warm-start (the weak one's is 0 steps: as given), two RL updates with word handoffs, evaluations, and a final/
