@@ -84,7 +84,7 @@ def report(result, args):
     def acc(value, ci):
         return f"{value:9.3f}  [{ci[0]:.3f}, {ci[1]:.3f}]"
 
-    lines = [f"GSM8K {args.split}: {result['n']} problems, {sampling}, seed {args.seed}; [95% Wilson interval]",
+    lines = [f"{args.data} ({args.split}): {result['n']} problems, {sampling}, seed {args.seed}; [95% Wilson interval]",
              f"{'':32}{'accuracy':>9}{'':18}{'jargon':>7}",
              f"{'strong alone':32}{acc(result['strong_accuracy'], result['strong_accuracy_ci'])}{result['strong_jargon_rate']:9.3f}",
              f"{'weak alone':32}{acc(result['weak_accuracy'], result['weak_accuracy_ci'])}",
