@@ -2,9 +2,12 @@
 Did tandem training work? Accuracy, jargon rate, legibility and handoff robustness on GSM8K, with
 tandem.evaluate: the strong model alone (handoff 0), the weak one alone (handoff 1), the pair at
 --handoff-prob, the weak model's NLL of the strong model's solutions, and with --curve the accuracy
-at several handoff probabilities. --bench times the decoder, forward passes and an RL step instead.
+at several handoff probabilities. --plot draws the paper's figure from run folders; --make-data writes the
+word problems of the README's real-model experiment; --bench times the decoder, forward passes and an RL step.
 
     python eval.py --strong runs/RUN/final --weak runs/RUN/sft/weak --limit 200 --curve 0,0.25,0.5,0.75,1
+    python eval.py --plot runs/tandem runs/plain --out curves.png
+    python eval.py --make-data data/word-problems
     python eval.py --bench --random-init --device cpu --batch-size 8 --max-new-tokens 64
 """
 

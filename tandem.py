@@ -146,8 +146,8 @@ def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, tempera
         draw = since_draw >= max_gap if boundaries is None else (since_draw >= max_gap) | boundaries[token]
         weak_owns = torch.where(draw, coins[t + 1], weak_owns)
         since_draw.masked_fill_(draw, 0)
-    n = int(mask.any(0).sum())  # tokens written: to the last row's eos, or T
-    return Rollout(seq["strong"][:, start["strong"]:start["strong"] + n], from_weak[:, :n], mask[:, :n])
+    length = int(mask.any(0).sum())  # tokens written: to the last row's eos, or T
+    return Rollout(seq["strong"][:, start["strong"]:start["strong"] + length], from_weak[:, :length], mask[:, :length])
 
 # --handoff-unit: the next token's author is drawn again right after a token whose surface form (its string in the
 # vocabulary) the unit accepts, and --max-gap tokens after the last draw. A new unit is one more entry.
