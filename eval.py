@@ -19,6 +19,7 @@ import random
 import re
 import sys
 import time
+from itertools import islice
 
 import torch
 
@@ -94,25 +95,24 @@ def report(result, args):
              f"{f'tandem (handoff {args.handoff_prob:g})':32}{acc(result['tandem_accuracy'], result['tandem_accuracy_ci'])}"
              f"{result['tandem_jargon_rate']:9.3f}",
              f"{'strong alone, flexible extract':32}{acc(result['flexible_accuracy'], result['flexible_accuracy_ci'])}",
-             f"legibility: weak NLL of strong solutions {result['weak_nll']:.3f} nats/token "
-             f"(mean length {result['strong_tokens']:.1f} tokens)"]
+             f"legibility: weak NLL of strong solutions {result['weak_nll']:.3f} nats/token, "
+             f"{result['weak_nll_per_char']:.3f} nats/character (mean length {result['strong_tokens']:.1f} tokens)"]
     for c in result.get("curve", []):
         lines.append(f"{'handoff curve at %g' % c['handoff_prob']:32}{acc(c['accuracy'], c['ci'])}")
     return "\n".join(lines)
 
 
 def marked(tokenizer, tokens, from_weak, mask):
-    """The solution's text with every run of weak-sampled tokens in {braces}."""
-    text, run, weak_run = "", [], False
-    for tok, weak in zip(tokens[mask].tolist(), from_weak[mask].tolist()):
-        if weak != weak_run and run:
-            piece = tokenizer.decode(run, skip_special_tokens=True)
-            text += "{" + piece + "}" if weak_run else piece
-            run = []
-        run.append(tok)
-        weak_run = weak
-    piece = tokenizer.decode(run, skip_special_tokens=True)
-    return text + ("{" + piece + "}" if weak_run and piece else piece)
+    """The solution's text with every run of weak-sampled tokens in {braces}, each run decoded after what came before
+    it (alone, a SentencePiece run would lose its first space)."""
+    ids, weak = tokens[mask].tolist(), from_weak[mask].tolist()
+    text, begin = "", 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or weak[end] != weak[begin]:
+            piece = tandem.piece_text(tokenizer, ids[:end], end - begin)
+            text += "{" + piece + "}" if weak[begin] and piece else piece
+            begin = end
+    return text
 
 
 def main(argv=None):
@@ -126,14 +126,14 @@ def main(argv=None):
     device, amp = tandem.pick_device(args.device, args.dtype)
     problems = tandem.load_gsm8k(args.split, args.data)[:args.limit]
     weak_prefix = tandem.read_text(args.weak_prompt) if args.weak_prompt else None
-    tokenizer, strong, weak = tandem.load_pair(args.strong, args.weak, device, args.trust_remote_code)
-    tandem.check_fits(strong, weak, tokenizer, problems, args.max_new_tokens, weak_prefix)
+    tokenizers, strong, weak = tandem.load_pair(args.strong, args.weak, device, args.trust_remote_code)
+    tandem.check_fits(strong, weak, tokenizers, problems, args.max_new_tokens, weak_prefix)
     probs = ", ".join(f"{p:g}" for p in dict.fromkeys([0, args.handoff_prob, 1, *args.curve]))
     print(f"decoding {len(problems)} problems at handoff {probs} ...", file=sys.stderr, flush=True)
     t0, runs, n = time.time(), {}, len(problems)
-    result = tandem.evaluate(strong, weak, tokenizer, problems, args.handoff_prob, args.curve, args.max_new_tokens,
+    result = tandem.evaluate(strong, weak, tokenizers, problems, args.handoff_prob, args.curve, args.max_new_tokens,
                              args.temperature, args.batch_size, args.seed, amp, runs,
-                             tandem.draw_rule(args.handoff_unit, args.max_gap, tokenizer, device), weak_prefix)
+                             tandem.draw_rule(args.handoff_unit, args.max_gap, tokenizers, device), weak_prefix)
     flexible = [flexible_answer(t) == tandem.extract_answer(p["answer"]) for t, p in zip(runs[0.0][0], problems)]
     result["flexible_accuracy"] = sum(flexible) / n
     for key in ["strong", "weak", "tandem", "flexible"]:  # every accuracy with its 95% interval
@@ -147,7 +147,7 @@ def main(argv=None):
         for name, p in [("strong alone", 0.0), ("tandem, weak tokens in {}", args.handoff_prob)]:
             b, r = divmod(i, args.batch_size)
             rollout = runs[p][1][b][1]
-            print(f"[{name}]\n{marked(tokenizer, rollout.tokens[r], rollout.from_weak[r], rollout.mask[r]).strip()}")
+            print(f"[{name}]\n{marked(tokenizers['strong'], rollout.tokens[r], rollout.from_weak[r], rollout.mask[r]).strip()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -250,6 +250,33 @@ def make_data(folder, seed, n_train=2000, n_test=500):
     print(f"wrote {n_train} train and {n_test} test problems to {folder}")
 
 
+def train_tokenizer(corpus, vocab_size, sentencepiece=False, eos=None, prepend_scheme="first"):
+    """A BPE tokenizer trained on the texts of `corpus`, offline. Byte-level like GPT-2's ("Ġ" marks a space; end
+    token <|endoftext|>, also its padding), or with `sentencepiece` like Llama's: "▁" marks a space and is put before
+    the text (`prepend_scheme`), a character outside the vocabulary falls back to its UTF-8 bytes (<0xC3><0xA9>),
+    BOS <s> begins every text, </s> ends it. The tests' two tokenizers, and the bench's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    if not sentencepiece:
+        eos = eos or "<|endoftext|>"
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos], show_progress=False,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos, padding_side="left")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace("▁", prepend_scheme=prepend_scheme)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        show_progress=False))
+    trained = json.loads(tok.to_str())["model"]  # the same merges, with the 256 bytes to fall back to
+    vocab = trained["vocab"] | {f"<0x{b:02X}>": len(trained["vocab"]) + b for b in range(256)}
+    tok.model = models.BPE(vocab, [tuple(m) for m in trained["merges"]], byte_fallback=True, unk_token="<unk>")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>", padding_side="left")
+
+
 # -----------------------------------------------------------------------------
 # Benchmark: the decoder against HF generate, a forward pass by the tokens it reads, and one RL step
 #
@@ -305,6 +332,24 @@ def bench_decoding(strong, weak, prompts, new_tokens, temperature, repeats, amp)
         runs[f"tandem, handoff {p:g}{', batch coins' if shared else ''}"] = (
             lambda p=p, shared=shared: tandem.tandem_generate(strong, weak, prompts, p, new_tokens, temperature, -1, vocab,
                                                               shared_coins=shared))
+    return interleaved(runs, repeats, device, amp)
+
+
+def bench_across(strong, weak, batch_size, new_tokens, repeats, amp):
+    """Median seconds of rollouts at handoff 0.5 on word problems, by the pair sharing a byte-level tokenizer and by the
+    same pair with two: that one (strong) and a SentencePiece-style one (weak), trained here on the word problems to
+    about 550 tokens each, of about 2 characters on average (so random weights write text of one density in both)."""
+    corpus = [tandem.format_prompt(p["question"]) + " " + p["answer"] for p in islice(word_problems(random.Random(0)), 2000)]
+    tokenizers = {"strong": train_tokenizer(corpus, 4000), "weak": train_tokenizer(corpus, 300, sentencepiece=True)}
+    problems, device, runs = list(islice(word_problems(random.Random(1)), batch_size)), next(strong.parameters()).device, {}
+    for name, pair in [("one tokenizer", {"strong": tokenizers["strong"], "weak": tokenizers["strong"]}), ("two tokenizers", tokenizers)]:
+        prompts = tandem.encode_prompts(pair, problems, device)
+        runs[f"tandem, handoff 0.5, {name[:3]}"] = lambda pair=pair, prompts=prompts: tandem.tandem_generate(
+            strong, weak, prompts, 0.5, new_tokens, BENCH_TEMPERATURE, pair["strong"].eos_token_id, len(pair["strong"]), tokenizers=pair)
+    return interleaved(runs, repeats, device, amp)
+
+
+def interleaved(runs, repeats, device, amp):  # {name: median seconds of run()}, the runs taking turns
     times = {name: [] for name in runs}
     for _ in range(repeats + 1):
         for name, run in runs.items():
@@ -413,6 +458,10 @@ def bench(args):
     for name, seconds in t.items():
         ratios = "".join(f"{seconds / base:8.3f}" for base in (strong_s, weak_s, strong_s + weak_s))
         print(f"{name:32}{seconds:9.2f}{B * n / seconds:10.1f}   {ratios if name.startswith('tandem') else ''}")
+    t = bench_across(strong, weak, B, n, args.repeats, amp)
+    print(f"\n{'word problems, tokenizers':32}{'seconds':>9}   ratio to one tokenizer")
+    for name, seconds in t.items():
+        print(f"{name:32}{seconds:9.2f}{seconds / t['tandem, handoff 0.5, one']:8.3f}", flush=True)
     print(f"\n{'one forward pass, median':32}{'prefill':>9}{'1 token':>10}{'4 tokens':>10}{'4 / 1':>8}   prefill / generate")
     for name, model, base in [("strong", strong, strong_s), ("weak", weak, weak_s)]:
         r = bench_reads(model, prompts, args.repeats, amp)

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
 # -----------------------------------------------------------------------------
 # Data and reward: GSM8K problems, the number after "####", the calculator jargon <<...>>
@@ -49,13 +49,13 @@ def load_gsm8k(split, data="openai/gsm8k"):
 def format_prompt(question):
     return f"Question: {question}\nAnswer:"
 
-def encode_prompts(tokenizer, problems, device, weak_prefix=None):
-    """{"strong": (ids, mask), "weak": (ids, mask)}: left-padded prompts; the weak model's after `weak_prefix`."""
-    def encode(prefix):
+def encode_prompts(tokenizers, problems, device, weak_prefix=None):
+    """{"strong": (ids, mask), "weak": (ids, mask)}: left-padded prompts in each model's tokens, the weak one's after `weak_prefix`."""
+    def encode(tokenizer, prefix):
         enc = tokenizer([prefix + format_prompt(p["question"]) for p in problems], return_tensors="pt", padding=True)
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    strong = encode("")
-    return {"strong": strong, "weak": encode(weak_prefix) if weak_prefix else strong}
+    strong, shared = encode(tokenizers["strong"], ""), tokenizers["weak"] is tokenizers["strong"]
+    return {"strong": strong, "weak": strong if shared and not weak_prefix else encode(tokenizers["weak"], weak_prefix or "")}
 
 ANSWER = re.compile(r"\s*(-?)\s*\$?\s*(-?)([\d,]*\.?\d+)")
 JARGON = re.compile(r"<<[^<>]*>>")
@@ -95,6 +95,7 @@ class Rollout(NamedTuple):
     tokens: torch.Tensor  # B x T sampled token ids (eos after a row has ended)
     from_weak: torch.Tensor  # B x T bool: the weak model sampled this token
     mask: torch.Tensor  # B x T bool: a real token, up to and including the row's first eos
+    weak_view: "Rollout" = None  # with two tokenizers: the same rollout in the weak model's tokens
 
 def position_ids(attention_mask):  # a left-padded row counts from its first real token (GPT-2's positions are absolute)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -104,16 +105,19 @@ def sample(logits, temperature):  # temperature 0: greedy
 
 @torch.no_grad()
 def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, temperature, eos_token_id, vocab_size=None,
-                    max_gap=1, boundaries=None, shared_coins=False):
+                    max_gap=1, boundaries=None, shared_coins=False, tokenizers=None, weak_boundaries=None):
     """Continue left-padded prompts (from encode_prompts), each token by one author, from its whole distribution. The
     first author is drawn at the start (the weak model with probability `handoff_prob`), and again right after a token
     that `boundaries` marks (a bool per vocabulary entry, from draw_rule) or `max_gap` tokens after the last draw (the
-    default, 1: every token, the paper's rule). `shared_coins`: one draw for all rows, so by token one model runs."""
+    default, 1: every token, the paper's rule). `shared_coins`: one draw for all rows, so by token one model runs.
+    `tokenizers` that differ: the models share text, not tokens (tandem_generate_across; `weak_boundaries`: the weak's)."""
+    if tokenizers and tokenizers["weak"] is not tokenizers["strong"]:
+        return tandem_generate_across(strong, weak, prompts, handoff_prob, max_new_tokens, temperature, tokenizers,
+                                      max_gap, {"strong": boundaries, "weak": weak_boundaries}, shared_coins)
     models = {"strong": strong, "weak": weak}
     B, T, device = prompts["strong"][0].shape[0], max_new_tokens, prompts["strong"][0].device
     coins = (torch.rand(T + 1, 1 if shared_coins else B) < handoff_prob).expand(T + 1, B).to(device)  # True: weak
-    # Per model: its prompt and the new tokens in one buffer, one attention mask and the positions for the whole
-    # rollout, and a static KV cache, allocated once (a DynamicCache copies itself at every step).
+    # Per model: one buffer of prompt and new tokens, its mask and positions, a static KV cache (a DynamicCache copies itself)
     seq = {n: torch.cat([ids, ids.new_full((B, T), eos_token_id)], 1) for n, (ids, _) in prompts.items()}
     attn = {n: torch.cat([mask, mask.new_ones(B, T)], 1) for n, (_, mask) in prompts.items()}
     positions = {n: position_ids(a) for n, a in attn.items()}
@@ -149,15 +153,85 @@ def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, tempera
     length = int(mask.any(0).sum())  # tokens written: to the last row's eos, or T
     return Rollout(seq["strong"][:, start["strong"]:start["strong"] + length], from_weak[:, :length], mask[:, :length])
 
+@torch.no_grad()
+def tandem_generate_across(strong, weak, prompts, handoff_prob, max_new_tokens, temperature, tokenizers, max_gap,
+                           boundaries, shared_coins):
+    """tandem_generate for two tokenizers, with its draws: the models share text. Each keeps its own token stream (which
+    only grows: the strong model's loss is taken on it) and cache and, about to write, reads the text written since it
+    last wrote, in its own tokens; an author writes on until its text decodes whole. A row's new tokens end a pass."""
+    models, other = {"strong": strong, "weak": weak}, {"strong": "weak", "weak": "strong"}
+    B, T, device = prompts["strong"][0].shape[0], max_new_tokens, prompts["strong"][0].device
+    coins = (torch.rand(T + 1, 1 if shared_coins else B) < handoff_prob).expand(T + 1, B).tolist()  # True: weak
+    eos = {n: tok.eos_token_id for n, tok in tokenizers.items()}
+    boundaries = {n: None if b is None else b.tolist() for n, b in boundaries.items()}  # read row by row, on the host
+    # Per model and row: its stream, how much of it is in the cache, text to read, which new tokens the weak one wrote
+    stream = {n: [row[keep.bool()].tolist() for row, keep in zip(*prompts[n])] for n in models}
+    cached, unread, weak_wrote = ({n: [empty() for _ in range(B)] for n in models} for empty in (int, str, list))
+    # A DynamicCache, as how long a stream grows is not known, and a mask that grows with it (0: a hole, see below)
+    caches, attn = {n: DynamicCache(config=m.config) for n, m in models.items()}, {n: prompts[n][1][:, :0] for n in models}
+    author, run, since_draw, ended = ["weak" if c else "strong" for c in coins[0]], [0] * B, [0] * B, [None] * B
+    def add(n, r, ids, by_weak):
+        stream[n][r] += ids
+        weak_wrote[n][r] += [by_weak] * len(ids)
+    def hand_over(r, n):  # n's run in row r is over: the other model will read its text
+        unread[other[n]][r], run[r] = unread[other[n]][r] + piece_text(tokenizers[n], stream[n][r], run[r]), 0
+    for t in range(T):
+        rows = {n: [r for r in range(B) if author[r] == n and not ended[r]] for n in models}
+        for n in [n for n in models if rows[n]]:
+            for r in rows[n]:  # lazily: the other's text since this model last wrote in the row
+                add(n, r, encode_piece(tokenizers[n], unread[n][r]), n == "strong")
+                unread[n][r] = ""
+            new, cached[n] = [s[c:] for s, c in zip(stream[n], cached[n])], [len(s) for s in stream[n]]
+            width = max(map(len, new))
+            ids = torch.tensor([[eos[n]] * (width - len(x)) + x for x in new], device=device)
+            attn[n] = torch.cat([attn[n], torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in new], device=device)], 1)
+            out = models[n].base_model(ids, attention_mask=attn[n], position_ids=position_ids(attn[n])[:, -width:],
+                                       cache=caches[n], use_cache=True).last_hidden_state[rows[n], -1]
+            # The holes leave the cache (where a key sits does not matter to attention): a row's tokens, right-aligned
+            keep = torch.argsort(attn[n], dim=1, stable=True)[:, -int(attn[n].sum(1).max()):]
+            for layer in caches[n].layers:
+                layer.keys, layer.values = (x.gather(2, keep[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])) for x in (layer.keys, layer.values))
+            attn[n] = attn[n].gather(1, keep)
+            logits = models[n].get_output_embeddings()(out)[:, :len(tokenizers[n])]
+            for r, token in zip(rows[n], sample(logits, temperature).tolist()):
+                add(n, r, [token], n == "weak")  # an end token ends the row; the other stream gets its own end below
+                run[r], since_draw[r], ended[r] = run[r] + 1, since_draw[r] + 1, n if token == eos[n] else None
+                due = since_draw[r] >= max_gap or (boundaries[n] is not None and boundaries[n][token])
+                text = piece_text(tokenizers[n], stream[n][r], min(run[r], 4))
+                if due and not ended[r] and text and not text.endswith("\ufffd"):  # else no text yet, or not all of a character's bytes
+                    since_draw[r], author[r] = 0, "weak" if coins[t + 1][r] else "strong"
+                    if author[r] != n:
+                        hand_over(r, n)
+    for r in range(B):  # what each model has not read yet: the strong stream is the rollout, the weak one scores it
+        hand_over(r, author[r])
+        for n in models:  # and the other's end token as its own, when the other ended the row
+            add(n, r, encode_piece(tokenizers[n], unread[n][r]) + ([eos[n]] if ended[r] == other[n] else []), n == "strong")
+    def rollout(n):  # each row's new tokens, then eos (masked out) to the longest's length
+        new = [s[int(real.sum()):] for s, real in zip(stream[n], prompts[n][1])]
+        pad = lambda rows, fill: torch.tensor([row + [fill] * (max(map(len, new)) - len(row)) for row in rows], device=device)
+        return Rollout(pad(new, eos[n]), pad(weak_wrote[n], False), pad([[True] * len(row) for row in new], False))
+    return rollout("strong")._replace(weak_view=rollout("weak"))
+
+def encode_piece(tokenizer, text):
+    """`text` in the middle of a stream: after an anchor (the end token, dropped), so no BOS or SentencePiece "▁" goes first."""
+    return tokenizer(tokenizer.eos_token + text, add_special_tokens=False)["input_ids"][1:] if text else []
+
+def piece_text(tokenizer, ids, k):
+    """The text of the last k of `ids`, special tokens left out, decoded after a few before them (a first "▁" keeps its space)."""
+    text = [tokenizer.decode(ids[max(len(ids) - k - 4, 0):end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            for end in (len(ids) - k, len(ids))]
+    return text[1][len(text[0]):]
+
 # --handoff-unit: the next token's author is drawn again right after a token whose surface form (its string in the
 # vocabulary) the unit accepts, and --max-gap tokens after the last draw. A new unit is one more entry.
 HANDOFF_UNITS = {"token": lambda surface: True,  # the paper's: every token
                  # the follow-up's code: after a word's first token (byte-level "Ġ", SentencePiece "▁"), not a newline
                  "word": lambda surface: surface.startswith(("Ġ", "▁"))}
 
-def draw_rule(unit, max_gap, tokenizer, device):  # tandem_generate's keywords for --handoff-unit and --max-gap
-    surfaces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return {"boundaries": torch.tensor([HANDOFF_UNITS[unit](s) for s in surfaces], device=device), "max_gap": max_gap}
+def draw_rule(unit, max_gap, tokenizers, device):  # tandem_generate's keywords for --handoff-unit and --max-gap
+    boundaries = {n: torch.tensor([HANDOFF_UNITS[unit](s) for s in tok.convert_ids_to_tokens(list(range(len(tok))))], device=device)
+                  for n, tok in tokenizers.items()}  # each author's in its own tokens (one tokenizer: the same)
+    return {"boundaries": boundaries["strong"], "weak_boundaries": boundaries["weak"], "max_gap": max_gap}
 
 def completion_texts(tokenizer, rollout):
     return [tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(rollout.tokens, rollout.mask)]
@@ -209,16 +283,16 @@ def policy_gradient(model, prompt, rollout, advantages, temperature, micro_batch
         total += loss.item()
     return total
 
-def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(), rule=None, weak_prefix=None):
+def rl_step(strong, weak, tokenizers, optimizer, problems, args, amp=nullcontext(), rule=None, weak_prefix=None):
     """Tandem rollouts of `problems` (under torchrun, this process's share of the batch) and one REINFORCE
     update of `strong`; returns the whole batch's metrics. `rule`: when authors are drawn, from draw_rule."""
     k = args.samples_per_prompt
     repeated = [p for p in problems for _ in range(k)]  # side by side, so that view(-1, k) below is a prompt's samples
-    prompts = encode_prompts(tokenizer, repeated, next(strong.parameters()).device, weak_prefix)
+    prompts, tokenizer = encode_prompts(tokenizers, repeated, next(strong.parameters()).device, weak_prefix), tokenizers["strong"]
     with amp:
         rollout = tandem_generate(strong, weak, prompts, args.handoff_prob, args.max_new_tokens, args.temperature,
                                   tokenizer.eos_token_id, len(tokenizer), shared_coins=args.coins == "batch",
-                                  **(rule or {}))
+                                  tokenizers=tokenizers, **(rule or {}))
     texts = completion_texts(tokenizer, rollout)
     rewards = torch.tensor([reward(t, p) for t, p in zip(texts, repeated)]).view(-1, k)
     advantages = (rewards - baseline(rewards, args.baseline)).view(-1).to(rollout.tokens.device)
@@ -242,16 +316,7 @@ def rl_step(strong, weak, tokenizer, optimizer, problems, args, amp=nullcontext(
 # Evaluation: accuracy alone and in tandem, jargon, legibility (eval.py is its command line)
 
 @torch.no_grad()
-def weak_nll(weak, batches, vocab_size):
-    """Legibility, as the follow-up paper measures it: the weak model's mean NLL per token (nats) of the rollouts."""
-    total, count = 0.0, 0
-    for prompts, rollout in batches:
-        logp = completion_logprobs(weak, prompts["weak"], rollout.tokens, rollout.mask, 0.0, vocab_size)
-        total, count = total - logp[rollout.mask].sum().item(), count + rollout.mask.sum().item()
-    return total / max(count, 1)
-
-@torch.no_grad()
-def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_new_tokens=256, temperature=0.0,
+def evaluate(strong, weak, tokenizers, problems, handoff_prob=0.5, curve=(), max_new_tokens=256, temperature=0.0,
              batch_size=32, seed=0, amp=nullcontext(), runs=None, rule=None, weak_prefix=None):
     """Accuracy of the strong model alone (handoff 0), the weak one alone (1), the pair at `handoff_prob` and at each of
     `curve`; jargon; legibility. Every rollout draws its own coins, so problems stay independent. `runs` (a dict) gets
@@ -264,13 +329,17 @@ def evaluate(strong, weak, tokenizer, problems, handoff_prob=0.5, curve=(), max_
             torch.manual_seed(seed)
             texts, batches = runs[p] = ([], [])
             for i in range(0, n, batch_size):
-                prompts = encode_prompts(tokenizer, problems[i:i + batch_size], device, weak_prefix)
-                rollout = tandem_generate(strong, weak, prompts, p, max_new_tokens, temperature, tokenizer.eos_token_id,
-                                          len(tokenizer), **(rule or {}))
-                texts.extend(completion_texts(tokenizer, rollout))
+                prompts = encode_prompts(tokenizers, problems[i:i + batch_size], device, weak_prefix)
+                rollout = tandem_generate(strong, weak, prompts, p, max_new_tokens, temperature, tokenizers["strong"].eos_token_id,
+                                          len(tokenizers["strong"]), tokenizers=tokenizers, **(rule or {}))
+                texts.extend(completion_texts(tokenizers["strong"], rollout))
                 batches.append((prompts, rollout))
             print(f"  decoded {n} problems at handoff {p:g} ({time.time() - t0:.0f}s)", flush=True)
-        result = {"n": n, "tandem_handoff_prob": handoff_prob, "weak_nll": weak_nll(weak, runs[0.0][1], len(tokenizer))}
+        # Legibility as the follow-up paper measures it: the weak model's NLL of the strong's solutions, in its own tokens
+        views = [(prompts["weak"], rollout.weak_view or rollout) for prompts, rollout in runs[0.0][1]]
+        nll = -sum(completion_logprobs(weak, p, v.tokens, v.mask, 0.0, len(tokenizers["weak"]))[v.mask].sum().item() for p, v in views)
+        result = {"n": n, "tandem_handoff_prob": handoff_prob, "weak_nll": nll / max(sum(v.mask.sum().item() for _, v in views), 1),
+                  "weak_nll_per_char": nll / max(sum(map(len, runs[0.0][0])), 1)}  # nats per token, per character
     def accuracy(p):
         return sum(correct(t, q["answer"]) for t, q in zip(runs[p][0], problems)) / n
     result |= {"strong_accuracy": accuracy(0.0), "weak_accuracy": accuracy(1.0), "tandem_accuracy": accuracy(handoff_prob),
@@ -292,7 +361,7 @@ def sft(model, tokenizer, problems, steps, batch_size, lr, jargon_frac, seed, am
         batch = rng.sample(problems, min(batch_size, len(problems)))
         prompts = tokenizer([format_prompt(p["question"]) for p in batch])["input_ids"]
         solutions = tokenizer([" " + (p["answer"] if rng.random() < jargon_frac else strip_jargon(p["answer"]))
-                               for p in batch])["input_ids"]
+                               for p in batch], add_special_tokens=False)["input_ids"]  # no BOS mid-text
         enc = tokenizer.pad({"input_ids": [(p + s + [tokenizer.eos_token_id])[:max_positions(model)]
                                            for p, s in zip(prompts, solutions)]}, return_tensors="pt").to(model.device)
         ids, attn = enc["input_ids"], enc["attention_mask"]
@@ -380,21 +449,21 @@ def main(argv=None):
     sft_path = {role: os.path.join(out, "sft", role) for role in ("strong", "weak")}
     sft_steps = {"strong": args.sft_steps, "weak": args.sft_steps if args.weak_sft_steps is None else args.weak_sft_steps}
     warm = {role: sft_steps[role] > 0 and os.path.exists(path) for role, path in sft_path.items()}
-    tokenizer, strong, weak = load_pair(sft_path["strong"] if warm["strong"] else args.strong,
+    tokenizers, strong, weak = load_pair(sft_path["strong"] if warm["strong"] else args.strong,
                                         sft_path["weak"] if warm["weak"] else args.weak, device, args.trust_remote_code)
-    check_fits(strong, weak, tokenizer, train + test, args.max_new_tokens, weak_prefix)
+    check_fits(strong, weak, tokenizers, train + test, args.max_new_tokens, weak_prefix)
     start_run(out, args, rank)
     print(f"run folder {out} | device {device} | {world_size} process(es) | {len(train)} train problems")
 
-    # Warm-start: the strong model learns the jargon, the weak one sees the same solutions without it.
+    # Warm-start: the strong model learns the jargon, the weak one sees the same solutions without it (each in its tokens).
     for role, model, jargon_frac in [("strong", strong, args.sft_jargon_frac), ("weak", weak, 0.0)]:
         if sft_steps[role] > 0 and not warm[role]:
-            sft(model, tokenizer, train, sft_steps[role], args.sft_batch_size, args.sft_lr, jargon_frac, args.seed, amp,
+            sft(model, tokenizers[role], train, sft_steps[role], args.sft_batch_size, args.sft_lr, jargon_frac, args.seed, amp,
                 f"sft {role}")
             share_weights(model)
-            save_model(model, tokenizer, sft_path[role], rank)
+            save_model(model, tokenizers[role], sft_path[role], rank)
     weak.requires_grad_(False)
-    rule = draw_rule(args.handoff_unit, args.max_gap, tokenizer, device)
+    rule = draw_rule(args.handoff_unit, args.max_gap, tokenizers, device)
 
     # RL, in eval mode: with dropout on, the gradient would be taken under another policy than the one that sampled.
     optimizer = torch.optim.AdamW(strong.parameters(), lr=args.lr, weight_decay=0.0)
@@ -402,7 +471,7 @@ def main(argv=None):
     last_step, log = resume(out, strong, optimizer, rng, rank, args.resume)
 
     def evaluation(step):  # every process evaluates (the same problems, the same result): none waits on another
-        result = evaluate(strong, weak, tokenizer, test, args.eval_handoff_prob, max_new_tokens=args.max_new_tokens, amp=amp,
+        result = evaluate(strong, weak, tokenizers, test, args.eval_handoff_prob, max_new_tokens=args.max_new_tokens, amp=amp,
                           batch_size=args.eval_batch_size, seed=args.seed, rule=rule, weak_prefix=weak_prefix)
         log({"step": step, "kind": "eval"} | result)
         print(f"eval at step {step} | " + " | ".join(f"{k} {result[k]:.3f}" for k in [
@@ -413,7 +482,7 @@ def main(argv=None):
     for step in range(last_step + 1, args.steps + 1):
         t0 = time.time()
         batch = rng.sample(train, min(args.batch_size, len(train)))[rank::world_size]
-        metrics = rl_step(strong, weak, tokenizer, optimizer, batch, args, amp, rule, weak_prefix)
+        metrics = rl_step(strong, weak, tokenizers, optimizer, batch, args, amp, rule, weak_prefix)
         log({"step": step, "kind": "train"} | metrics | {"seconds": time.time() - t0})
         shown = " | ".join(f"{k} {metrics[k]:.3f}" for k in ["reward", "rollout_jargon_rate", "weak_frac", "switches", "loss"])
         print(f"step {step}/{args.steps} | {shown} | {time.time() - t0:.1f}s{' | non-finite, skipped' if metrics['skipped'] else ''}", flush=True)
@@ -421,13 +490,12 @@ def main(argv=None):
             evaluation(step)
         if args.save_every and step % args.save_every == 0:
             save_checkpoint(out, strong, optimizer, rng, step, rank)
-    save_model(strong, tokenizer, os.path.join(out, "final"), rank)
+    save_model(strong, tokenizers["strong"], os.path.join(out, "final"), rank)
     print(f"saved {os.path.join(out, 'final')}")
 
 # =============================================================================
-# Plumbing. Nothing below changes what is learned: input checks and loading; several processes (torchrun: each rolls
-# out its share of every batch, one all-reduce adds up the gradients); the run folder and its checkpoints (each file
-# written aside and renamed, so that a kill never leaves half of one).
+# Plumbing. Nothing below changes what is learned: input checks and loading; torchrun (each process rolls out its share
+# of every batch, one all-reduce adds up the gradients); the run folder and checkpoints (written aside, then renamed).
 
 class UsageError(Exception):
     """Bad input: run_cli prints the message as one line, `error: ...`, and exits with code 2."""
@@ -474,19 +542,21 @@ def read_text(path):
         return f.read()
 
 def load_pair(strong_name, weak_name, device, trust_remote_code=False):
-    """(tokenizer, strong, weak). The models pass token ids to each other: their tokenizers must agree (checked first)."""
-    tokenizers = []
-    for name in (strong_name, weak_name):
+    """({"strong": tokenizer, "weak": tokenizer}, strong, weak), tokenizers checked first. Tokenizers that agree are one
+    object: the models pass token ids (the fast path). Others pass text, and each must give back a piece's text."""
+    tokenizers = {}
+    for role, name in [("strong", strong_name), ("weak", weak_name)]:
         with model_input(name):
-            tokenizers.append(AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code))
-    tokenizer, other = tokenizers
-    s, w = tokenizer.get_vocab(), other.get_vocab()
-    if s != w or tokenizer.eos_token != other.eos_token:
-        raise UsageError(f"weak and strong tokenizers differ (vocabularies of {len(w)} and {len(s)} tokens, end tokens "
-                         f"{other.eos_token!r} and {tokenizer.eos_token!r}): choose two models of one family")
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # GPT-2 has none; padding is masked out anyway
-    tokenizer.padding_side = "left"  # so that every row's next token is at its end
-    return tokenizer, load_model(strong_name, device, trust_remote_code), load_model(weak_name, device, trust_remote_code)
+            tokenizers[role] = tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, padding_side="left")
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # left padding: a row's next token is its last; GPT-2 has none
+    strong_tok, weak_tok = tokenizers.values()
+    if strong_tok.get_vocab() == weak_tok.get_vocab() and strong_tok.eos_token == weak_tok.eos_token:
+        tokenizers["weak"] = strong_tok
+    for name, tok in [(strong_name, strong_tok), (weak_name, weak_tok)] if tokenizers["weak"] is weak_tok else []:
+        before = tok("Answer:", add_special_tokens=False)["input_ids"]  # a piece in the middle of a stream comes back?
+        if any(piece_text(tok, before + (ids := encode_piece(tok, text)), len(ids)) != text for text in ["12", " brown", "\n#### 5", "é."]):
+            raise UsageError(f"the tokenizer of {name!r} changes a piece of text it encodes, so it can't read a partner's text: choose another model")
+    return tokenizers, load_model(strong_name, device, trust_remote_code), load_model(weak_name, device, trust_remote_code)
 
 def model_input(name):  # user_input for a model's hub name or folder
     if os.path.exists(name) and not os.path.isfile(os.path.join(name, "config.json")):
@@ -510,9 +580,9 @@ def load_model(name, device, trust_remote_code=False):
 def max_positions(model):  # None for a model whose config names no limit: then nothing is checked
     return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
 
-def check_fits(strong, weak, tokenizer, problems, max_new_tokens, weak_prefix=None):
+def check_fits(strong, weak, tokenizers, problems, max_new_tokens, weak_prefix=None):
     """One line now, not an index error mid-run, if the longest prompt and the new tokens overrun a model's positions."""
-    prompts = encode_prompts(tokenizer, problems, "cpu", weak_prefix)
+    prompts = encode_prompts(tokenizers, problems, "cpu", weak_prefix)
     for name, model in [("strong", strong), ("weak", weak)]:
         longest, context = prompts[name][0].shape[1], max_positions(model)  # prompts are padded to the longest
         if context and longest + max_new_tokens > context:

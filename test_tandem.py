@@ -64,20 +64,17 @@ def toy_problems(n, seed=0, question="What is {a} plus {b}?"):
 def make_tokenizer(corpus=None, vocab_size=320, eos="<|endoftext|>"):
     """A byte-level BPE tokenizer trained here, like GPT-2's (or with eos "<|im_end|>", Qwen's) but with
     `vocab_size` tokens. Its end token is also its padding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    return evaluation.train_tokenizer(corpus or toy_corpus(), vocab_size, eos=eos)
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    if corpus is None:
-        corpus = [tandem.format_prompt(p["question"]) + " " + p["answer"] for p in toy_problems(200) + GSM8K_SAMPLES]
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
-    fast.padding_side = "left"
-    return fast
+
+def make_sp_tokenizer(corpus=None, vocab_size=400, prepend_scheme="first"):
+    """A SentencePiece-style tokenizer trained here, like Llama's (eval.train_tokenizer says how): its vocabulary
+    and end token differ from make_tokenizer's."""
+    return evaluation.train_tokenizer(corpus or toy_corpus(), vocab_size, sentencepiece=True, prepend_scheme=prepend_scheme)
+
+
+def toy_corpus():
+    return [tandem.format_prompt(p["question"]) + " " + p["answer"] for p in toy_problems(200) + GSM8K_SAMPLES]
 
 
 def make_model(path, tokenizer, n_layer, seed, vocab_size=None, n_embd=48, n_head=2, family="gpt2", **config):
@@ -101,12 +98,30 @@ def make_model(path, tokenizer, n_layer, seed, vocab_size=None, n_embd=48, n_hea
     return model
 
 
+def both(tok):  # the tokenizers of a pair that shares one
+    return {"strong": tok, "weak": tok}
+
+
 def make_pair(root, family="gpt2"):
     """A strong (2 layers) and a weak (1 layer) model of one family, saved in root/strong and root/weak."""
     tok = make_tokenizer(eos="<|im_end|>" if family == "llama" else "<|endoftext|>")
     strong = make_model(root / "strong", tok, n_layer=2, seed=1, family=family)
     weak = make_model(root / "weak", tok, n_layer=1, seed=2, family=family)
     return Namespace(root=root, tok=tok, strong=strong, weak=weak, family=family)
+
+
+def make_across(root):
+    """A pair of two tokenizers: the strong model a Llama with a SentencePiece-style tokenizer (make_sp_tokenizer),
+    the weak one a GPT-2 with a byte-level BPE; saved in root/strong and root/weak."""
+    sp, bl = make_sp_tokenizer(), make_tokenizer()
+    strong = make_model(root / "strong", sp, n_layer=2, seed=1, family="llama")
+    weak = make_model(root / "weak", bl, n_layer=1, seed=2)
+    return Namespace(root=root, toks={"strong": sp, "weak": bl}, strong=strong, weak=weak)
+
+
+@pytest.fixture(scope="module")
+def across(tmp_path_factory):
+    return make_across(tmp_path_factory.mktemp("across"))
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +151,18 @@ def warm(tiny, tmp_path_factory):
         tandem.sft(model, tiny.tok, toy_problems(200), steps=150, batch_size=16, lr=3e-3, jargon_frac=jargon_frac, seed=0)
         model.save_pretrained(root / role)
         tiny.tok.save_pretrained(root / role)
+    return root
+
+
+@pytest.fixture(scope="module")
+def warm_across(across, tmp_path_factory):
+    """The two-tokenizer pair after `warm`'s warm-start, each model on its own tokenizer's tokens, saved."""
+    root = tmp_path_factory.mktemp("warm_across")
+    for role, family, n_layer, seed, jargon_frac in [("strong", "llama", 2, 1, 1.0), ("weak", "gpt2", 1, 2, 0.0)]:
+        model = make_model(None, across.toks[role], n_layer, seed, family=family)
+        tandem.sft(model, across.toks[role], toy_problems(200), steps=150, batch_size=16, lr=3e-3, jargon_frac=jargon_frac, seed=0)
+        model.save_pretrained(root / role)
+        across.toks[role].save_pretrained(root / role)
     return root
 
 
@@ -402,7 +429,7 @@ def test_weak_prompt_is_read_by_the_weak_model_only(tiny):
     the strong model's over its prompt and the tokens so far, the weak model's over prefix +
     prompt + the same tokens, each with its own left padding and positions."""
     problems = [{"question": q} for q in ["What is 2 plus 3?", "7", "What is 9 plus 9? Think.", ""]]
-    prompts = tandem.encode_prompts(tiny.tok, problems, "cpu", "Question: 1+1?\nAnswer: 2\n#### 2\n\n")
+    prompts = tandem.encode_prompts(both(tiny.tok), problems, "cpu", "Question: 1+1?\nAnswer: 2\n#### 2\n\n")
     assert prompts["weak"][0].shape[1] > prompts["strong"][0].shape[1] and (prompts["weak"][1] == 0).any()
     torch.manual_seed(0)
     got, logits = decode_recording_logits(tiny, prompts, 0.5, 16, 1.0, tiny.tok.eos_token_id)
@@ -433,14 +460,14 @@ def test_bfloat16_autocast_decodes_and_learns_like_float32(tiny):
 
 
 def test_word_boundaries_are_the_tokens_that_begin_with_the_space_marker(tiny):
-    boundaries = tandem.draw_rule("word", 32, tiny.tok, "cpu")["boundaries"]
+    boundaries = tandem.draw_rule("word", 32, both(tiny.tok), "cpu")["boundaries"]
     surfaces = tiny.tok.convert_ids_to_tokens(list(range(len(tiny.tok))))
     assert boundaries.tolist() == [s.startswith("Ġ") for s in surfaces]  # as the follow-up's code builds them
     texts = tiny.tok.batch_decode([[i] for i in range(len(tiny.tok))])
     assert boundaries.tolist() == [t.startswith(" ") for t in texts]  # in byte-level BPE: text that begins with a space
     plus, bare, newline = (tiny.tok(t)["input_ids"][0] for t in [" plus", "plus", "\n"])
     assert boundaries[plus] and not boundaries[bare] and not boundaries[newline]
-    assert tandem.draw_rule("token", 32, tiny.tok, "cpu")["boundaries"].all()  # a draw after every token
+    assert tandem.draw_rule("token", 32, both(tiny.tok), "cpu")["boundaries"].all()  # a draw after every token
 
 
 def test_word_handoffs_follow_the_follow_up_codes_rule(tiny, monkeypatch):
@@ -488,9 +515,9 @@ def test_a_new_handoff_unit_is_one_entry(warm, monkeypatch):
     monkeypatch.setitem(tandem.HANDOFF_UNITS, "line", lambda surface: "Ċ" in surface)
     args = tandem.parse_args(["--handoff-unit", "line", "--max-gap", "1000"])
     assert evaluation.parse_args(["--strong", "s", "--weak", "w", "--handoff-unit", "line"]).handoff_unit == "line"
-    tok, strong, weak = tandem.load_pair(str(warm / "strong"), str(warm / "weak"), "cpu")
-    rule = tandem.draw_rule(args.handoff_unit, args.max_gap, tok, "cpu")
-    prompts = tandem.encode_prompts(tok, toy_problems(32, seed=5), "cpu")
+    toks, strong, weak = tandem.load_pair(str(warm / "strong"), str(warm / "weak"), "cpu")
+    rule, tok = tandem.draw_rule(args.handoff_unit, args.max_gap, toks, "cpu"), toks["strong"]
+    prompts = tandem.encode_prompts(toks, toy_problems(32, seed=5), "cpu")
     torch.manual_seed(0)
     got = tandem_generate(strong, weak, prompts, 0.5, 24, 1.0, tok.eos_token_id, len(tok), **rule)
     switched = (got.from_weak[:, 1:] != got.from_weak[:, :-1]) & got.mask[:, 1:]
@@ -500,6 +527,146 @@ def test_a_new_handoff_unit_is_one_entry(warm, monkeypatch):
 
 def switches(rollout):
     return ((rollout.from_weak[:, 1:] != rollout.from_weak[:, :-1]) & rollout.mask[:, 1:]).sum()
+
+
+# Two tokenizers: a Llama with a SentencePiece-style tokenizer (strong) and a GPT-2 with a byte-level BPE (weak)
+
+
+def whole_tokens(tok):
+    """The tokens whose text is whole characters on its own (not a part of a character's bytes)."""
+    return torch.tensor(["\ufffd" not in tok.decode([i]) for i in range(len(tok))])
+
+
+def cleanly(monkeypatch, toks, eos_bonus=None):
+    """tandem.sample picks only whole-character tokens (random models write bytes no text decodes from), with
+    eos_bonus[model] added to its end token's logit; returns the same change of logits, for checks."""
+    allowed = {len(t): whole_tokens(t) for t in toks.values()}
+    eos = {len(t): (t.eos_token_id, (eos_bonus or {}).get(n, 0.0)) for n, t in toks.items()}
+    def change(logits):
+        logits = logits.float().masked_fill(~allowed[logits.shape[-1]], -torch.inf)
+        token, bonus = eos[logits.shape[-1]]
+        logits[..., token] += bonus
+        return logits
+    sample = tandem.sample
+    monkeypatch.setattr(tandem, "sample", lambda logits, temperature: sample(change(logits), temperature))
+    return change
+
+
+def stream_text(tok, prompt, rollout, row):
+    """The text of a row's new tokens, end token left out, decoded after its prompt (as the decoder does)."""
+    ids, mask = prompt
+    new = [i for i in rollout.tokens[row][rollout.mask[row]].tolist() if i != tok.eos_token_id]
+    return tandem.piece_text(tok, ids[row][mask[row].bool()].tolist() + new, len(new))
+
+
+@pytest.mark.parametrize("handoff_prob", [0.0, 1.0])
+def test_across_tokenizers_handoff_0_and_1_equal_each_models_generate(across, handoff_prob):
+    prompts = tandem.encode_prompts(across.toks, toy_problems(6, seed=2), "cpu")
+    n = "weak" if handoff_prob == 1 else "strong"
+    got = tandem_generate(across.strong, across.weak, prompts, handoff_prob, 16, 0.0, None, tokenizers=across.toks)
+    own = got.weak_view if n == "weak" else got
+    expected = hf_greedy(getattr(across, n), *prompts[n], 16, across.toks[n].eos_token_id)
+    for row, keep, want in zip(own.tokens, own.mask, expected):
+        assert row[keep].tolist() == want[:int(keep.sum())].tolist()
+    assert bool(got.from_weak[got.mask].all()) == (n == "weak") and bool(got.weak_view.from_weak[got.weak_view.mask].all()) == (n == "weak")
+
+
+def test_across_tokenizers_each_token_is_its_authors_argmax_over_its_own_stream(across, monkeypatch):
+    """At handoff 0.5, rows read different numbers of tokens in a pass; every token a model wrote is still the argmax
+    of its uncached forward over its own stream, either model's end token ends the row, and both streams are one text."""
+    change = cleanly(monkeypatch, across.toks, {"strong": 0.1, "weak": 0.3})  # rows end, by either model
+    prompts = tandem.encode_prompts(across.toks, toy_problems(8, seed=3), "cpu")
+    torch.manual_seed(0)
+    got = tandem_generate(across.strong, across.weak, prompts, 0.5, 24, 0.0, None, tokenizers=across.toks)
+    views = {"strong": got, "weak": got.weak_view}
+    for n, view in views.items():
+        model, tok, own = getattr(across, n), across.toks[n], view.from_weak == (n == "weak")
+        checked = 0
+        for r in range(len(view.tokens)):
+            ids, mask = prompts[n]
+            stream = torch.cat([ids[r][mask[r].bool()], view.tokens[r][view.mask[r]]])
+            with torch.no_grad():
+                argmax = change(model(stream[None]).logits[0, :, :len(tok)]).argmax(-1)
+            start = int(mask[r].sum())
+            for j in (own[r] & view.mask[r]).nonzero()[:, 0].tolist():
+                assert stream[start + j] == argmax[start + j - 1], (n, r, j)
+                checked += 1
+        assert checked > 20
+    last = {n: [(v.tokens[r][v.mask[r]][-1].item() == across.toks[n].eos_token_id, bool(v.from_weak[r][v.mask[r]][-1]))
+                for r in range(8)] for n, v in views.items()}
+    assert last["strong"] == last["weak"]  # a row ends in both streams or in neither, with the same author's end token
+    assert {by_weak for ended, by_weak in last["strong"] if ended} == {True, False}  # either model's ended a row
+    for r in range(8):
+        assert stream_text(across.toks["strong"], prompts["strong"], got, r) == stream_text(across.toks["weak"], prompts["weak"], got.weak_view, r)
+
+
+def test_across_tokenizers_a_handoff_never_splits_a_character(across, monkeypatch):
+    """The weak (byte-level) model writes "é" as its two bytes, one token each: the strong model never reads half of it."""
+    first, second = across.toks["weak"].convert_tokens_to_ids(["Ã", "©"])  # the bytes C3 A9 of "é"
+    assert across.toks["weak"].decode([first, second]) == "é" and "\ufffd" in across.toks["weak"].decode([first])
+    cleanly(monkeypatch, across.toks)
+    sample, calls = tandem.sample, []
+    def scripted(logits, temperature):  # the weak model: first, second, first, second... call by call
+        if logits.shape[-1] != len(across.toks["weak"]):
+            return sample(logits, temperature)
+        calls.append(len(calls))
+        return torch.full(logits.shape[:1], first if len(calls) % 2 else second)
+    monkeypatch.setattr(tandem, "sample", scripted)
+    prompts = tandem.encode_prompts(across.toks, toy_problems(8, seed=4), "cpu")
+    torch.manual_seed(0)
+    got = tandem_generate(across.strong, across.weak, prompts, 0.5, 24, 0.0, None, tokenizers=across.toks)
+    weak_view, switched_after_e = got.weak_view, 0
+    for r in range(8):
+        tokens, own = weak_view.tokens[r][weak_view.mask[r]].tolist(), weak_view.from_weak[r][weak_view.mask[r]].tolist()
+        for j, (token, mine) in enumerate(zip(tokens, own)):
+            if mine and token == first:  # the first byte: the next token is the second, by the same author
+                assert j + 1 < len(tokens) and own[j + 1], (r, j)
+            switched_after_e += mine and token == second and j + 1 < len(tokens) and not own[j + 1]
+        assert stream_text(across.toks["strong"], prompts["strong"], got, r) == stream_text(across.toks["weak"], prompts["weak"], weak_view, r)
+    assert switched_after_e >= 3  # handoffs do happen, right after the character is whole
+    assert "é" in "".join(stream_text(across.toks["strong"], prompts["strong"], got, r) for r in range(8))
+
+
+def test_across_tokenizers_the_loss_recomputes_the_sampled_logprobs(across, monkeypatch):
+    """The strong model's loss is taken on its own stream, exactly as it read it while sampling: the log-probs that
+    policy_gradient's pass gives its tokens are those they were sampled with, holes between rows and all."""
+    change, sampled = cleanly(monkeypatch, across.toks, {"strong": -torch.inf, "weak": -torch.inf}), []  # no row ends: each pass has them all
+    sample = tandem.sample
+    def recording(logits, temperature):
+        token = sample(logits, temperature)
+        if logits.shape[-1] == len(across.toks["strong"]):
+            sampled.append(torch.log_softmax(change(logits) / temperature, -1).gather(-1, token[:, None])[:, 0])
+        return token
+    monkeypatch.setattr(tandem, "sample", recording)
+    prompts = tandem.encode_prompts(across.toks, toy_problems(6, seed=5), "cpu")
+    torch.manual_seed(0)
+    got = tandem_generate(across.strong, across.weak, prompts, 0.5, 20, 0.7, None, shared_coins=True, tokenizers=across.toks)
+    assert len(set(got.mask.sum(1).tolist())) > 1  # same steps, rows of different lengths: they read different numbers
+    monkeypatch.setattr(tandem, "chosen_logprobs", lambda head, hidden, tokens, temperature, vocab_size: (
+        torch.log_softmax(change(head(hidden)[..., :vocab_size]) / temperature, -1).gather(-1, tokens[..., None]).squeeze(-1)))
+    recomputed = completion_logprobs(across.strong, prompts["strong"], got.tokens, got.mask, 0.7, len(across.toks["strong"]))
+    own = got.mask & ~got.from_weak
+    by_row = torch.stack(sampled, 1)  # batch coins, no end: every strong pass samples for every row, in order
+    for r in range(6):
+        assert torch.allclose(recomputed[r][own[r]], by_row[r], atol=1e-5)
+
+
+def test_across_tokenizers_word_handoffs_follow_each_authors_own_words(across, monkeypatch):
+    cleanly(monkeypatch, across.toks)
+    rule = tandem.draw_rule("word", 1000, across.toks, "cpu")
+    prompts = tandem.encode_prompts(across.toks, toy_problems(8, seed=6), "cpu")
+    torch.manual_seed(0)
+    got = tandem_generate(across.strong, across.weak, prompts, 0.5, 32, 1.5, None, tokenizers=across.toks, **rule)
+    switches = 0
+    for n, view, boundaries in [("strong", got, rule["boundaries"]), ("weak", got.weak_view, rule["weak_boundaries"])]:
+        own = view.from_weak == (n == "weak")
+        for r in range(8):
+            tokens, mine = view.tokens[r][view.mask[r]], own[r][view.mask[r]]
+            for j in range(len(tokens) - 1):
+                if mine[j] and not mine[j + 1]:  # this model's run ends: after a token that starts a word
+                    assert boundaries[tokens[j]], (n, r, j)
+                    switches += 1
+    assert switches >= 10
 
 
 # -----------------------------------------------------------------------------
@@ -624,7 +791,7 @@ def test_a_non_finite_gradient_skips_the_update(tiny, tmp_path, monkeypatch):
                               "--baseline", "none"])
     problems = [{"question": q, "answer": "#### 1"} for q in ["1?", "2?"]]
     torch.manual_seed(0)
-    metrics = tandem.rl_step(model, model, tiny.tok, optimizer, problems, args)
+    metrics = tandem.rl_step(model, model, both(tiny.tok), optimizer, problems, args)
     assert metrics["skipped"] and metrics["loss"] != 0 and not optimizer.state  # AdamW never stepped
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -642,7 +809,7 @@ def test_reinforce_learns_a_learnable_task(tiny, tmp_path):
                               "--temperature", "1.0"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     torch.manual_seed(0)
-    rewards = [tandem.rl_step(model, model, tok, optimizer, problems, args)["reward"] for _ in range(30)]
+    rewards = [tandem.rl_step(model, model, both(tok), optimizer, problems, args)["reward"] for _ in range(30)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"\nREINFORCE, 30 steps of 40 rollouts: reward {first:.2f} (first 5 steps) -> {last:.2f} (last 5)")
     assert first < 0.4 and last > 0.8
@@ -650,7 +817,7 @@ def test_reinforce_learns_a_learnable_task(tiny, tmp_path):
 
 def test_another_reward_changes_rl_and_not_the_accuracies(warm, monkeypatch):
     """A fork's own verifier replaces `reward`: RL learns from it, while evaluation keeps saying which answers are right."""
-    tok, strong, weak = tandem.load_pair(str(warm / "strong"), str(warm / "weak"), "cpu")
+    tok, strong, weak = tandem.load_pair(str(warm / "strong"), str(warm / "weak"), "cpu")  # tok: both models'
     problems = toy_problems(8, seed=6)
     before = tandem.evaluate(strong, weak, tok, problems, 0.5, max_new_tokens=24, batch_size=8)
     seen = []
@@ -696,7 +863,7 @@ class Scripted(torch.nn.Module):
 
 def test_evaluate_keys_and_ranges(tiny):
     problems = toy_problems(6, seed=3)
-    result = tandem.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, curve=[0.0, 0.5, 1.0],
+    result = tandem.evaluate(tiny.strong, tiny.weak, both(tiny.tok), problems, 0.5, curve=[0.0, 0.5, 1.0],
                                  max_new_tokens=12, batch_size=4)
     assert result["n"] == 6
     for key in ["strong_accuracy", "weak_accuracy", "tandem_accuracy", "strong_jargon_rate", "tandem_jargon_rate"]:
@@ -705,17 +872,25 @@ def test_evaluate_keys_and_ranges(tiny):
     assert [c["handoff_prob"] for c in result["curve"]] == [0.0, 0.5, 1.0]
     assert result["curve"][0]["accuracy"] == result["strong_accuracy"]
     assert result["curve"][-1]["accuracy"] == result["weak_accuracy"]
-    again = tandem.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, max_new_tokens=12, batch_size=3,
+    again = tandem.evaluate(tiny.strong, tiny.weak, both(tiny.tok), problems, 0.5, max_new_tokens=12, batch_size=3,
                                 temperature=1.0, seed=4)
-    assert again == tandem.evaluate(tiny.strong, tiny.weak, tiny.tok, problems, 0.5, max_new_tokens=12,
+    assert again == tandem.evaluate(tiny.strong, tiny.weak, both(tiny.tok), problems, 0.5, max_new_tokens=12,
                                         batch_size=3, temperature=1.0, seed=4)  # seeded
+
+
+def test_examples_put_the_weak_models_runs_in_braces_and_keep_their_spaces(across):
+    sp = across.toks["strong"]  # SentencePiece-style: a run decoded alone would lose its first space
+    runs = [tandem.encode_piece(sp, text) for text in [" 3", " plus 4", " is 7"]]
+    tokens = torch.tensor(runs[0] + runs[1] + runs[2] + [sp.eos_token_id])
+    from_weak = torch.tensor([False] * len(runs[0]) + [True] * len(runs[1]) + [False] * (len(runs[2]) + 1))
+    assert evaluation.marked(sp, tokens, from_weak, torch.ones_like(from_weak)) == "3{ plus 4} is 7"
 
 
 def test_evaluate_accuracy_and_legibility_by_hand(tiny):
     problems = toy_problems(10, seed=4)
     solution = " 3+4=<<3+4=7>>7\n#### 7"
     strong = Scripted(tiny.tok, solution)
-    result = tandem.evaluate(strong, tiny.weak, tiny.tok, problems, 0.5, curve=[0.0, 1.0], max_new_tokens=30,
+    result = tandem.evaluate(strong, tiny.weak, both(tiny.tok), problems, 0.5, curve=[0.0, 1.0], max_new_tokens=30,
                                  batch_size=4)
     golds = [tandem.extract_answer(p["answer"]) for p in problems]
     assert 0 < golds.count("7") < len(golds)
@@ -732,6 +907,8 @@ def test_evaluate_accuracy_and_legibility_by_hand(tiny):
             logits = tiny.weak(torch.cat([prompt, strong.script])[None]).logits[0, len(prompt) - 1:-1]
         nll += (-torch.log_softmax(logits, -1).gather(-1, strong.script[:, None])).squeeze(-1).tolist()
     assert abs(result["weak_nll"] - sum(nll) / len(nll)) < 1e-4
+    chars = len(problems) * len(tiny.tok.decode(strong.script, skip_special_tokens=True))  # comparable across tokenizers
+    assert abs(result["weak_nll_per_char"] - sum(nll) / chars) < 1e-4
 
 
 # -----------------------------------------------------------------------------
@@ -811,32 +988,58 @@ def test_cli_trains_a_llama_pair(llama, tmp_path, capsys):
     assert any(not torch.equal(v, llama.strong.state_dict()[k]) for k, v in warm.items())  # the warm-start trained it
 
 
-def test_tandem_training_removes_jargon_and_plain_rl_does_not():
+def test_cli_trains_and_evaluates_a_pair_of_two_tokenizers(warm_across, tmp_path, capsys):
+    """tandem.py and eval.py on a pair that shares no tokenizer (a Llama with a SentencePiece-style one, a GPT-2 with
+    a byte-level one): each model's warm-start in its own tokens and saved with its tokenizer, RL with word handoffs,
+    batch coins and a weak prompt, evaluations, and eval.py's report of legibility per token and per character."""
+    data, out = write_data(tmp_path / "gsm8k", n_test=4), tmp_path / "run"
+    (tmp_path / "prefix.txt").write_text("Question: What is 1 plus 1?\nAnswer: 1+1=2\n#### 2\n\n")
+    printed = run_main(capsys, tandem, "--strong", warm_across / "strong", "--weak", warm_across / "weak", "--data", data,
+                       "--out", out, "--sft-steps", "5", "--steps", "2", "--batch-size", "4", "--max-new-tokens", "16",
+                       "--temperature", "1.0", "--eval-every", "2", "--handoff-unit", "word", "--coins", "batch",
+                       "--weak-prompt", tmp_path / "prefix.txt", "--device", "cpu")
+    assert "sft strong step 5/5" in printed and "sft weak step 5/5" in printed
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 2] and all(0 < r["weak_frac"] < 1 for r in rows if r["kind"] == "train")
+    eos = {role: tandem.AutoTokenizer.from_pretrained(out / "sft" / role).eos_token for role in ("strong", "weak")}
+    assert eos == {"strong": "</s>", "weak": "<|endoftext|>"}
+    assert tandem.AutoTokenizer.from_pretrained(out / "final").eos_token == "</s>"
+    printed = run_main(capsys, evaluation, "--strong", out / "final", "--weak", out / "sft" / "weak", "--data", data,
+                       "--max-new-tokens", "16", "--device", "cpu", "--json", tmp_path / "eval.json")
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["weak_nll"] > 0 and 0 < result["weak_nll_per_char"] and "nats/character" in printed
+
+
+@pytest.mark.parametrize("tokenizers", ["one", "two"])
+def test_tandem_training_removes_jargon_and_plain_rl_does_not(tokenizers):
     """The paper's claim in miniature, both halves. A strong model (3 layers, 400 warm-start steps) is warm-started
     on mostly annotated solutions of single-digit sums; a weak one, smaller and trained less (2 layers, 150 steps),
     on plain solutions, so that alone it solves fewer. From one warm-start, 120 REINFORCE steps at handoff 0.5 must
     make the strong model drop the annotations and write text the weak one can continue, while it stays well above
     the weak model alone; the same 120 steps at handoff 0 (plain RL) must leave the annotations in place.
     TANDEM_TOY_SEED picks another seed; TANDEM_TOY_COINS=batch shares the coins over the batch,
-    TANDEM_TOY_SAMPLES=4 makes the same 64 rollouts 16 prompts x 4."""
+    TANDEM_TOY_SAMPLES=4 makes the same 64 rollouts 16 prompts x 4. With two tokenizers, the strong model's is
+    SentencePiece-style and the weak one's byte-level: they pass text, and the claim is the same."""
     seed = int(os.environ.get("TANDEM_TOY_SEED", "0"))
     coins, samples = os.environ.get("TANDEM_TOY_COINS", "row"), int(os.environ.get("TANDEM_TOY_SAMPLES", "2"))
     start_time = time.time()
     # Characters, plus whole tokens for the template words.
     tok = make_tokenizer([tandem.format_prompt("") + " #### <<>>"], vocab_size=285)
+    toks = {"strong": make_sp_tokenizer([tandem.format_prompt("") + " #### <<>> 0123456789+=?"], vocab_size=80),
+            "weak": tok} if tokenizers == "two" else both(tok)
     # Single-digit sums, "3+4?": short prompts keep the warm-start cheap.
     train, test = toy_problems(4000, seed, "{a}+{b}?"), toy_problems(200, seed + 1000, "{a}+{b}?")
     no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # models this small learn sums faster without
-    strong = make_model(None, tok, n_layer=3, seed=seed, n_embd=64, n_head=4, **no_dropout)
-    weak = make_model(None, tok, n_layer=2, seed=seed + 1, n_embd=64, n_head=4, **no_dropout)
+    strong = make_model(None, toks["strong"], n_layer=3, seed=seed, n_embd=64, n_head=4, **no_dropout)
+    weak = make_model(None, toks["weak"], n_layer=2, seed=seed + 1, n_embd=64, n_head=4, **no_dropout)
     # 10% of the strong model's warm-start is plain: without it, it could not read the weak model's text at all.
-    tandem.sft(strong, tok, train, steps=400, batch_size=32, lr=3e-3, jargon_frac=0.9, seed=seed, name="sft strong")
-    tandem.sft(weak, tok, train, steps=150, batch_size=32, lr=3e-3, jargon_frac=0.0, seed=seed + 1, name="sft weak")
+    tandem.sft(strong, toks["strong"], train, steps=400, batch_size=32, lr=3e-3, jargon_frac=0.9, seed=seed, name="sft strong")
+    tandem.sft(weak, toks["weak"], train, steps=150, batch_size=32, lr=3e-3, jargon_frac=0.0, seed=seed + 1, name="sft weak")
     weak.requires_grad_(False)
     warm_start = {k: v.clone() for k, v in strong.state_dict().items()}
 
     def evaluate():
-        return tandem.evaluate(strong, weak, tok, test, 0.5, max_new_tokens=24, batch_size=200, seed=seed)
+        return tandem.evaluate(strong, weak, toks, test, 0.5, max_new_tokens=24, batch_size=200, seed=seed)
 
     results = {"warm-start": evaluate()}
     for arm, handoff_prob in [("tandem RL (handoff 0.5)", 0.5), ("plain RL (handoff 0)", 0.0)]:
@@ -847,10 +1050,10 @@ def test_tandem_training_removes_jargon_and_plain_rl_does_not():
         args = tandem.parse_args(["--handoff-prob", str(handoff_prob), "--max-new-tokens", "24", "--temperature", "1.0",
                                   "--micro-batch-size", "64", "--coins", coins, "--samples-per-prompt", str(samples)])
         for _ in range(120):
-            tandem.rl_step(strong, weak, tok, optimizer, rng.sample(train, 64 // samples), args)
+            tandem.rl_step(strong, weak, toks, optimizer, rng.sample(train, 64 // samples), args)
         results[arm] = evaluate()
 
-    print(f"\ntoy world, seed {seed}, {coins} coins, {64 // samples} prompts x {samples}: greedy, {len(test)} test problems "
+    print(f"\ntoy world, {'two tokenizers' if tokenizers == 'two' else 'one tokenizer'}, seed {seed}, {coins} coins, {64 // samples} prompts x {samples}: greedy, {len(test)} test problems "
           f"({time.time() - start_time:.0f}s)")
     print(f"{'':24s} {'strong alone':>12s} {'tandem 0.5':>10s} {'weak alone':>10s} {'jargon':>7s} {'weak NLL':>8s}")
     for name, r in results.items():
@@ -887,15 +1090,16 @@ def test_a_model_that_rescales_its_logits_is_refused(tiny, tmp_path):
         tandem.load_pair(str(tmp_path / "gemma2"), str(tiny.root / "weak"), "cpu")
 
 
-def test_tokenizers_must_match_before_any_weights_load(tiny, tmp_path):
-    other = make_tokenizer()
-    other.add_tokens(["<<jargon>>"])
-    other.save_pretrained(tmp_path / "other")
-    shutil.copy(tiny.root / "weak" / "config.json", tmp_path / "other")  # a model folder without weights
-    with pytest.raises(tandem.UsageError, match="tokenizers differ"):
-        tandem.load_pair(str(tiny.root / "strong"), str(tmp_path / "other"), "cpu")
-    tokenizer, strong, weak = tandem.load_pair(str(tiny.root / "strong"), str(tiny.root / "weak"), "cpu")
-    assert tokenizer.padding_side == "left" and tokenizer.pad_token == tokenizer.eos_token
+def test_tokenizers_that_agree_are_one_and_others_must_give_back_text_before_any_weights_load(tiny, tmp_path):
+    tokenizers, strong, weak = tandem.load_pair(str(tiny.root / "strong"), str(tiny.root / "weak"), "cpu")
+    assert tokenizers["weak"] is tokenizers["strong"]  # the fast path: the models pass token ids
+    assert tokenizers["strong"].padding_side == "left" and tokenizers["strong"].pad_token == tokenizers["strong"].eos_token
+    # A SentencePiece tokenizer that puts "▁" (a space) before every piece it encodes can't read a partner's text.
+    prefixing = make_sp_tokenizer(prepend_scheme="always")
+    prefixing.save_pretrained(tmp_path / "prefixing")
+    shutil.copy(tiny.root / "weak" / "config.json", tmp_path / "prefixing")  # a model folder without weights
+    with pytest.raises(tandem.UsageError, match="changes a piece of text it encodes"):
+        tandem.load_pair(str(tiny.root / "strong"), str(tmp_path / "prefixing"), "cpu")
 
 
 def usage_error(capsys, module, argv, alone=True):
@@ -914,7 +1118,7 @@ def usage_error(capsys, module, argv, alone=True):
 @pytest.fixture(scope="module")
 def bad_inputs(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
-    make_model(root / "other", make_tokenizer(vocab_size=300), n_layer=1, seed=4)
+    make_model(root / "other", make_sp_tokenizer(prepend_scheme="always"), n_layer=1, seed=4)  # can't read a partner
     (root / "malformed.jsonl").write_text(json.dumps(GSM8K_SAMPLES[0]) + "\n{not json\n")
     (root / "no_answer.jsonl").write_text(json.dumps({"question": "What is 1 plus 1?"}) + "\n")
     (root / "empty.jsonl").write_text("\n")
@@ -935,7 +1139,7 @@ BAD_INPUTS = [  # (flags, what the error must say), by class: missing, the wrong
     (["--strong", "{root}/empty_folder"], "not a model folder (it has no config.json)"),
     (["--weak", "{root}/malformed.jsonl"], "not a model folder"),
     (["--strong", "{root}/broken_model"], "cannot load model"),
-    (["--weak", "{root}/other"], "tokenizers differ (vocabularies of 300 and 320"),
+    (["--weak", "{root}/other"], "changes a piece of text it encodes"),
     (["--data", "{root}/missing.jsonl"], "missing.jsonl: No such file or directory"),
     (["--data", "{root}/empty_folder"], ".jsonl: No such file or directory"),
     (["--data", "{root}/malformed.jsonl"], "line 2: Expecting property name"),
@@ -1098,11 +1302,14 @@ def test_two_processes_add_up_to_the_whole_batch_gradient(tiny, tmp_path):
             assert w.abs().max() > 0 and torch.allclose(g, w, atol=1e-6)
 
 
-def test_torchrun_with_two_processes(warm, tmp_path):
+@pytest.mark.parametrize("pair", ["warm", "warm_across"])
+def test_torchrun_with_two_processes(pair, tmp_path, request):
     """torchrun, 2 CPU processes (gloo): the warm-start on both and rank 0's weights shared, rank 0 alone
     printing and writing the metrics, every step once with the whole batch's rollouts, and a final model
     that RL changed. The run is then resumed from its checkpoint at step 2 (as if it had died after it):
-    the same metrics and final weights again, so every process's sampling went on where it stopped."""
+    the same metrics and final weights again, so every process's sampling went on where it stopped. Both for a
+    pair that shares a tokenizer and for one of two."""
+    warm = request.getfixturevalue(pair)
     data, out = write_data(tmp_path / "gsm8k"), tmp_path / "run"
 
     def torchrun(*flags):
@@ -1238,3 +1445,8 @@ def test_bench_parts_run_on_tiny_models(tiny):
     assert list(reads) == ["prefill", 1, 4] and all(0 < t < 60 for t in reads.values())
     seconds, peak = evaluation.rl_step_cost(args, micro_batch_size=2, batch_size=4)
     assert 0 < seconds < 60 and peak >= 0
+    # One pair with one tokenizer and with two (trained in the bench): its models' output layers cover both.
+    big = [make_model(None, tiny.tok, n_layer, seed=0, vocab_size=4300) for n_layer in (2, 1)]
+    across = evaluation.bench_across(*big, 4, 6, 1, amp)
+    assert list(across) == ["tandem, handoff 0.5, one", "tandem, handoff 0.5, two"]
+    assert all(0 < t < 60 for t in across.values())
