@@ -187,8 +187,8 @@ def tandem_generate_across(strong, weak, prompts, handoff_prob, max_new_tokens, 
             attn[n] = torch.cat([attn[n], torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in new], device=device)], 1)
             out = models[n].base_model(ids, attention_mask=attn[n], position_ids=position_ids(attn[n])[:, -width:],
                                        cache=caches[n], use_cache=True).last_hidden_state[rows[n], -1]
-            # The holes leave the cache (where a key sits does not matter to attention): a row's tokens, right-aligned
-            keep = torch.argsort(attn[n], dim=1, stable=True)[:, -int(attn[n].sum(1).max()):]
+            # The holes leave the cache (where a key sits does not matter to attention): a row's tokens, at its end
+            keep = attn[n].argsort(1)[:, -int(attn[n].sum(1).max()):]
             for layer in caches[n].layers:
                 layer.keys, layer.values = (x.gather(2, keep[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])) for x in (layer.keys, layer.values))
             attn[n] = attn[n].gather(1, keep)
