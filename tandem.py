@@ -197,8 +197,8 @@ def tandem_generate_across(strong, weak, prompts, handoff_prob, max_new_tokens, 
                 add(n, r, [token], n == "weak")  # an end token ends the row; the other stream gets its own end below
                 run[r], since_draw[r], ended[r] = run[r] + 1, since_draw[r] + 1, n if token == eos[n] else None
                 due = since_draw[r] >= max_gap or (boundaries[n] is not None and boundaries[n][token])
-                text = piece_text(tokenizers[n], stream[n][r], min(run[r], 4))
-                if due and not ended[r] and text and not text.endswith("\ufffd"):  # else no text yet, or not all of a character's bytes
+                # Drawn only once the run is some whole text: decoded when due, it ends in U+FFFD while a character's bytes are missing
+                if due and not ended[r] and (text := piece_text(tokenizers[n], stream[n][r], min(run[r], 4))) and text[-1] != "\ufffd":
                     since_draw[r], author[r] = 0, "weak" if coins[t + 1][r] else "strong"
                     if author[r] != n:
                         hand_over(r, n)
