@@ -30,30 +30,40 @@ from tandem import number
 def parse_args(argv=None):
     p = tandem.Parser(description="Evaluate a strong/weak pair on GSM8K: accuracy, jargon, legibility.",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows every default
-    p.add_argument("--strong", help="strong model: hub name or local folder (e.g. runs/RUN/final); --bench: gpt2-medium")
+    p.add_argument("--strong",
+                   help="strong model: hub name or local folder (e.g. runs/RUN/final); --bench: gpt2-medium")
     p.add_argument("--weak", help="weak model: hub name or local folder (e.g. runs/RUN/sft/weak); --bench: gpt2")
-    p.add_argument("--data", default="openai/gsm8k", help="hub dataset, folder with train.jsonl and test.jsonl, or one .jsonl")
+    p.add_argument("--data", default="openai/gsm8k",
+                   help="hub dataset, folder with train.jsonl and test.jsonl, or one .jsonl")
     p.add_argument("--split", default="test", choices=["train", "test"], help="which split to evaluate on")
     p.add_argument("--limit", type=number(int, 1), default=None, help="evaluate only the first N problems")
     tandem.handoff_flags(p)  # --handoff-prob (the pair's accuracy is at this one), --handoff-unit, --max-gap
     p.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads")
-    p.add_argument("--curve", type=curve, default=[], help="comma-separated handoff probabilities for a robustness curve, e.g. 0,0.5,1")
+    p.add_argument("--curve", type=curve, default=[],
+                   help="comma-separated handoff probabilities for a robustness curve, e.g. 0,0.5,1")
     p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="longest solution generated")
-    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0: greedy (each token its owner's argmax)")
+    p.add_argument("--temperature", type=number(float, 0), default=0.0,
+                   help="0: greedy (each token its owner's argmax)")
     p.add_argument("--batch-size", type=number(int, 1), default=32, help="problems decoded together")
     p.add_argument("--seed", type=int, default=0, help="seed of the author draws (and of sampling if temperature > 0)")
-    p.add_argument("--examples", type=number(int, 0), default=0, help="print K solutions, strong alone and tandem, weak tokens in {braces}")
+    p.add_argument("--examples", type=number(int, 0), default=0,
+                   help="print K solutions, strong alone and tandem, weak tokens in {braces}")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype (auto: bfloat16 on cuda)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (auto: bfloat16 on cuda)")
     p.add_argument("--trust-remote-code", action="store_true", help="let models run code from their folder or hub repo")
-    p.add_argument("--plot", nargs="+", metavar="RUN", help="draw jargon and accuracy over RL updates from these run folders")
+    p.add_argument("--plot", nargs="+", metavar="RUN",
+                   help="draw jargon and accuracy over RL updates from these run folders")
     p.add_argument("--out", default="curves.png", help="--plot: the picture's file (.png, .pdf, .svg)")
-    p.add_argument("--make-data", metavar="DIR", help="write the word problems (see README) to DIR/train.jsonl and DIR/test.jsonl")
+    p.add_argument("--make-data", metavar="DIR",
+                   help="write the word problems (see README) to DIR/train.jsonl and DIR/test.jsonl")
     p.add_argument("--bench", action="store_true", help="time decoding and RL steps instead of evaluating (see README)")
-    p.add_argument("--random-init", action="store_true", help="--bench: build gpt2 and gpt2-medium from their shapes, offline")
+    p.add_argument("--random-init", action="store_true",
+                   help="--bench: build gpt2 and gpt2-medium from their shapes, offline")
     p.add_argument("--prompt-tokens", type=number(int, 1), default=100, help="--bench: prompt length")
-    p.add_argument("--repeats", type=number(int, 1), default=3, help="--bench: timed rounds of each decoding run (median)")
+    p.add_argument("--repeats", type=number(int, 1), default=3,
+                   help="--bench: timed rounds of each decoding run (median)")
     args = p.parse_args(argv)
     if args.bench:
         args.strong, args.weak = args.strong or "gpt2-medium", args.weak or "gpt2"
@@ -90,9 +100,11 @@ def report(result, args):
 
     lines = [f"{args.data} ({args.split}): {result['n']} problems, {sampling}, seed {args.seed}; [95% Wilson interval]",
              f"{'':32}{'accuracy':>9}{'':18}{'jargon':>7}",
-             f"{'strong alone':32}{acc(result['strong_accuracy'], result['strong_accuracy_ci'])}{result['strong_jargon_rate']:9.3f}",
+             f"{'strong alone':32}{acc(result['strong_accuracy'], result['strong_accuracy_ci'])}"
+             f"{result['strong_jargon_rate']:9.3f}",
              f"{'weak alone':32}{acc(result['weak_accuracy'], result['weak_accuracy_ci'])}",
-             f"{f'tandem (handoff {args.handoff_prob:g})':32}{acc(result['tandem_accuracy'], result['tandem_accuracy_ci'])}"
+             f"{f'tandem (handoff {args.handoff_prob:g})':32}"
+             f"{acc(result['tandem_accuracy'], result['tandem_accuracy_ci'])}"
              f"{result['tandem_jargon_rate']:9.3f}",
              f"{'strong alone, flexible extract':32}{acc(result['flexible_accuracy'], result['flexible_accuracy_ci'])}",
              f"legibility: weak NLL of strong solutions {result['weak_nll']:.3f} nats/token, "
@@ -147,7 +159,8 @@ def main(argv=None):
         for name, p in [("strong alone", 0.0), ("tandem, weak tokens in {}", args.handoff_prob)]:
             b, r = divmod(i, args.batch_size)
             rollout = runs[p][1][b][1]
-            print(f"[{name}]\n{marked(tokenizers['strong'], rollout.tokens[r], rollout.from_weak[r], rollout.mask[r]).strip()}")
+            text = marked(tokenizers["strong"], rollout.tokens[r], rollout.from_weak[r], rollout.mask[r])
+            print(f"[{name}]\n{text.strip()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -173,13 +186,13 @@ def eval_rows(run):
 
 
 def plot(runs, out):
+    rows = {run: eval_rows(run) for run in runs}  # bad input first, with or without matplotlib
     try:
         import matplotlib
         matplotlib.use("Agg")  # a file, no window
         import matplotlib.pyplot as plt
     except ImportError:
         raise tandem.UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    rows = {run: eval_rows(run) for run in runs}
     panels = [("strong_jargon_rate", "jargon rate (strong alone)"), ("strong_accuracy", "accuracy, strong alone"),
               ("tandem_accuracy", "accuracy, pair")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), constrained_layout=True)
@@ -217,13 +230,16 @@ def word_problems(rng):
         name, things, x = rng.choice(NAMES), rng.choice(THINGS), rng.randint(2, 20)
         question, lines = [f"{name} has {x} {things}."], []
         for _ in range(rng.randint(1, 3)):
-            steps = [("+", rng.randint(2, 12), f"Then {name} gets {{b}} more.", f"After getting {{b}} more, {name} has")]
+            steps = [("+", rng.randint(2, 12), f"Then {name} gets {{b}} more.",
+                      f"After getting {{b}} more, {name} has")]
             if x > 1:
-                steps.append(("-", rng.randint(1, x - 1), f"Then {name} gives {{b}} away.", f"After giving {{b}} away, {name} has"))
+                steps.append(("-", rng.randint(1, x - 1), f"Then {name} gives {{b}} away.",
+                              f"After giving {{b}} away, {name} has"))
             if x <= 30:
                 steps.append(("*", 2, f"Then the number of {things} doubles.", f"Doubled, {name} has"))
             if x % 2 == 0:
-                steps.append(("/", 2, f"Then {name} gives half of them to a friend.", f"After giving half away, {name} has"))
+                steps.append(("/", 2, f"Then {name} gives half of them to a friend.",
+                              f"After giving half away, {name} has"))
             op, b, ask, tell = rng.choice(steps)
             y = {"+": x + b, "-": x - b, "*": x * b, "/": x // b}[op]
             question.append(ask.format(b=b))
@@ -262,8 +278,9 @@ def train_tokenizer(corpus, vocab_size, sentencepiece=False, eos=None, prepend_s
     if not sentencepiece:
         eos = eos or "<|endoftext|>"
         tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-        tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos], show_progress=False,
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(corpus, trainer)
         return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos, padding_side="left")
     tok.pre_tokenizer = pre_tokenizers.Metaspace("▁", prepend_scheme=prepend_scheme)
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
@@ -271,7 +288,8 @@ def train_tokenizer(corpus, vocab_size, sentencepiece=False, eos=None, prepend_s
     trained = json.loads(tok.to_str())["model"]  # the same merges, with the 256 bytes to fall back to
     vocab = trained["vocab"] | {f"<0x{b:02X}>": len(trained["vocab"]) + b for b in range(256)}
     tok.model = models.BPE(vocab, [tuple(m) for m in trained["merges"]], byte_fallback=True, unk_token="<unk>")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>", padding_side="left")
@@ -322,16 +340,17 @@ def bench_decoding(strong, weak, prompts, new_tokens, temperature, repeats, amp)
 
     (ids, attn), device, vocab = prompts["strong"], prompts["strong"][0].device, strong.config.vocab_size
     # The same sampling as tandem_generate: temperature only, and no end token to stop early.
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=None, top_p=None, max_new_tokens=new_tokens,
-                              min_new_tokens=0, eos_token_id=None, pad_token_id=0)
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=None, top_p=None,
+                              max_new_tokens=new_tokens, min_new_tokens=0, eos_token_id=None, pad_token_id=0)
     runs = {
         "HF generate, strong": lambda: strong.generate(ids, attention_mask=attn, generation_config=config),
         "HF generate, weak": lambda: weak.generate(ids, attention_mask=attn, generation_config=config),
     }
-    for p, shared in [(0.0, False), (0.5, False), (0.5, True), (1.0, False)]:  # eos -1: no token is -1, so no row ends early
-        runs[f"tandem, handoff {p:g}{', batch coins' if shared else ''}"] = (
-            lambda p=p, shared=shared: tandem.tandem_generate(strong, weak, prompts, p, new_tokens, temperature, -1, vocab,
-                                                              shared_coins=shared))
+    for p, shared in [(0.0, False), (0.5, False), (0.5, True), (1.0, False)]:  # eos -1: no token is -1, no row ends
+        def run(p=p, shared=shared):
+            return tandem.tandem_generate(strong, weak, prompts, p, new_tokens, temperature, -1, vocab,
+                                          shared_coins=shared)
+        runs[f"tandem, handoff {p:g}{', batch coins' if shared else ''}"] = run
     return interleaved(runs, repeats, device, amp)
 
 
@@ -339,13 +358,16 @@ def bench_across(strong, weak, batch_size, new_tokens, repeats, amp):
     """Median seconds of rollouts at handoff 0.5 on word problems, by the pair sharing a byte-level tokenizer and by the
     same pair with two: that one (strong) and a SentencePiece-style one (weak), trained here on the word problems to
     about 550 tokens each, of about 2 characters on average (so random weights write text of one density in both)."""
-    corpus = [tandem.format_prompt(p["question"]) + " " + p["answer"] for p in islice(word_problems(random.Random(0)), 2000)]
+    problems = islice(word_problems(random.Random(0)), 2000)
+    corpus = [tandem.format_prompt(p["question"]) + " " + p["answer"] for p in problems]
     tokenizers = {"strong": train_tokenizer(corpus, 4000), "weak": train_tokenizer(corpus, 300, sentencepiece=True)}
-    problems, device, runs = list(islice(word_problems(random.Random(1)), batch_size)), next(strong.parameters()).device, {}
-    for name, pair in [("one tokenizer", {"strong": tokenizers["strong"], "weak": tokenizers["strong"]}), ("two tokenizers", tokenizers)]:
+    problems, device, runs = list(islice(word_problems(random.Random(1)), batch_size)), strong.device, {}
+    one = {"strong": tokenizers["strong"], "weak": tokenizers["strong"]}
+    for name, pair in [("one tokenizer", one), ("two tokenizers", tokenizers)]:
         prompts = tandem.encode_prompts(pair, problems, device)
         runs[f"tandem, handoff 0.5, {name[:3]}"] = lambda pair=pair, prompts=prompts: tandem.tandem_generate(
-            strong, weak, prompts, 0.5, new_tokens, BENCH_TEMPERATURE, pair["strong"].eos_token_id, len(pair["strong"]), tokenizers=pair)
+            strong, weak, prompts, 0.5, new_tokens, BENCH_TEMPERATURE, pair["strong"].eos_token_id, len(pair["strong"]),
+            tokenizers=pair)
     return interleaved(runs, repeats, device, amp)
 
 
@@ -374,7 +396,8 @@ def medians(times):  # the first round warms up and is not counted
 @torch.no_grad()
 def bench_reads(model, prompts, repeats, amp, k=4):
     """Median seconds of the prompts' prefill, and of one forward pass of the model's body that reads 1 and then k
-    more tokens into its cache. Batch coins save a pass's fixed cost, not its cost per token: this tells which is which."""
+    more tokens into its cache. Batch coins save a pass's fixed cost, not its cost per token: this tells which is
+    which."""
     (ids, attn), device = prompts["strong"], prompts["strong"][0].device
     B, L = ids.shape
     seq, attn = torch.cat([ids, ids[:, -1:].repeat(1, 1 + k)], 1), torch.cat([attn, attn.new_ones(B, 1 + k)], 1)
@@ -382,8 +405,10 @@ def bench_reads(model, prompts, repeats, amp, k=4):
     for _ in range(repeats + 1):
         cache = tandem.StaticCache(config=model.config, max_cache_len=seq.shape[1])
         for name, (a, b) in [("prefill", (0, L)), (1, (L, L + 1)), (k, (L + 1, L + 1 + k))]:
-            times[name].append(timed(lambda: model.base_model(seq[:, a:b], attention_mask=attn, position_ids=positions[:, a:b],
-                                                              cache=cache, use_cache=True), device, amp))
+            def read():
+                model.base_model(seq[:, a:b], attention_mask=attn, position_ids=positions[:, a:b], cache=cache,
+                                 use_cache=True)
+            times[name].append(timed(read, device, amp))
     return medians(times)
 
 
@@ -448,10 +473,13 @@ def bench(args):
     device, amp, strong, weak = bench_setup(args)
     B, n = args.batch_size, args.max_new_tokens
     prompts = random_prompts(B, args.prompt_tokens, strong.config.vocab_size, device)
-    print(f"benchmark on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"strong {args.strong}, weak {args.weak}{' (random init)' if args.random_init else ''}: batch {B}, prompts of "
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"benchmark on {device} ({where}), "
+          f"strong {args.strong}, weak {args.weak}{' (random init)' if args.random_init else ''}: batch {B}, "
+          "prompts of "
           f"{prompts['strong'][0].shape[1]} tokens or fewer, {n} new tokens, temperature {BENCH_TEMPERATURE:g}, "
-          f"{'float32' if isinstance(amp, tandem.nullcontext) else 'bfloat16 autocast'}, median of {args.repeats}", flush=True)
+          f"{'float32' if isinstance(amp, tandem.nullcontext) else 'bfloat16 autocast'}, median of {args.repeats}",
+          flush=True)
     t = bench_decoding(strong, weak, prompts, n, BENCH_TEMPERATURE, args.repeats, amp)
     strong_s, weak_s = t["HF generate, strong"], t["HF generate, weak"]
     print(f"\n{'decoding':32}{'seconds':>9}{'tokens/s':>10}   ratio to generate: strong's, weak's, both's")
@@ -462,10 +490,12 @@ def bench(args):
     print(f"\n{'word problems, tokenizers':32}{'seconds':>9}   ratio to one tokenizer")
     for name, seconds in t.items():
         print(f"{name:32}{seconds:9.2f}{seconds / t['tandem, handoff 0.5, one']:8.3f}", flush=True)
-    print(f"\n{'one forward pass, median':32}{'prefill':>9}{'1 token':>10}{'4 tokens':>10}{'4 / 1':>8}   prefill / generate")
+    print(f"\n{'one forward pass, median':32}{'prefill':>9}{'1 token':>10}{'4 tokens':>10}{'4 / 1':>8}"
+          "   prefill / generate")
     for name, model, base in [("strong", strong, strong_s), ("weak", weak, weak_s)]:
         r = bench_reads(model, prompts, args.repeats, amp)
-        print(f"{name:32}{r['prefill']:8.2f}s{r[1] * 1e3:8.0f}ms{r[4] * 1e3:8.0f}ms{r[4] / r[1]:8.2f}   {r['prefill'] / base:8.3f}")
+        print(f"{name:32}{r['prefill']:8.2f}s{r[1] * 1e3:8.0f}ms{r[4] * 1e3:8.0f}ms{r[4] / r[1]:8.2f}"
+              f"   {r['prefill'] / base:8.3f}")
     del strong, weak  # the RL steps below run in fresh processes
 
     # Peak memory must grow with the micro-batch, not with the batch.

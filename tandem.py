@@ -8,8 +8,9 @@ on GSM8K: RL of a strong model while a frozen weak model randomly takes over its
 - baseline: a rollout's reward is compared with the mean of its prompt's other rollouts (`baseline`);
 - loss: REINFORCE, -advantage * log p of the tokens the strong model sampled itself (`policy_gradient`).
 A rollout only succeeds if the weak model can continue the strong model's text, so the strong model learns
-to write text the weak one follows: on GSM8K it drops the calculator "jargon" <<48/2=24>> that its
-warm-start taught it and the weak model never saw. `--handoff-prob 0` is plain RL, the control.
+to write text the weak one follows. The paper reports that on GSM8K it drops the calculator "jargon" <<48/2=24>>
+that its warm-start taught it and the weak model never saw; here a toy world (test_tandem.py) and SmolLM2-135M
+(README) show it, the full-scale GSM8K run has not been made. `--handoff-prob 0` is plain RL, the control.
 
     python tandem.py --weak gpt2 --strong gpt2-medium           # warm-start both, then 100 RL updates
     python tandem.py --weak DIR --strong DIR --data gsm8k/      # local models, local train/test.jsonl
@@ -44,20 +45,23 @@ def load_gsm8k(split, data="openai/gsm8k"):
         return read_jsonl(path)
     import datasets
     with user_input(f"--data {data} (offline, give it a folder with train.jsonl and test.jsonl)", Exception):
-        return [{"question": r["question"], "answer": r["answer"]} for r in datasets.load_dataset(data, "main", split=split)]
+        rows = datasets.load_dataset(data, "main", split=split)
+    return [{"question": r["question"], "answer": r["answer"]} for r in rows]
 
 def format_prompt(question):
     return f"Question: {question}\nAnswer:"
 
 def encode_prompts(tokenizers, problems, device, weak_prefix=None):
-    """{"strong": (ids, mask), "weak": (ids, mask)}: left-padded prompts in each model's tokens, the weak one's after `weak_prefix`."""
+    """{"strong": (ids, mask), "weak": (ids, mask)}: left-padded prompts in each model's tokens, the weak one's after
+    `weak_prefix`."""
     def encode(tokenizer, prefix):
         enc = tokenizer([prefix + format_prompt(p["question"]) for p in problems], return_tensors="pt", padding=True)
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
     strong, shared = encode(tokenizers["strong"], ""), tokenizers["weak"] is tokenizers["strong"]
-    return {"strong": strong, "weak": strong if shared and not weak_prefix else encode(tokenizers["weak"], weak_prefix or "")}
+    weak = strong if shared and not weak_prefix else encode(tokenizers["weak"], weak_prefix or "")
+    return {"strong": strong, "weak": weak}
 
-ANSWER = re.compile(r"\s*(-?)\s*\$?\s*(-?)([\d,]*\.?\d+)")
+ANSWER = re.compile(r"\s*(-?)\s*\$?\s*(-?)([\d,]*\.?\d+)\.?\s*")  # the answer ends the solution
 JARGON = re.compile(r"<<[^<>]*>>")
 
 def normalize_number(sign, digits):
@@ -66,9 +70,10 @@ def normalize_number(sign, digits):
     return "-" + number if sign and number != "0" else number
 
 def extract_answer(text):
-    """The number after the first '####', normalised ('$1,000.00' -> '1000'), or None."""
+    """The number after the first '####', normalised ('$1,000.00' -> '1000'), or None; nothing but the number may follow
+    '####' (GSM8K's solutions all end so): text after the answer would be free for RL to fill, and it drifts there."""
     _, found, after = text.partition("####")
-    match = ANSWER.match(after) if found else None
+    match = ANSWER.fullmatch(after) if found else None
     return normalize_number(match[1] or match[2], match[3]) if match else None
 
 def correct(completion, gold):
@@ -77,7 +82,7 @@ def correct(completion, gold):
     return answer is not None and answer == extract_answer(gold if "####" in gold else "####" + gold)
 
 def reward(completion, problem):
-    """RL's reward for a completion of `problem`: 1.0 when it is correct. Another verifier goes here (accuracies stay)."""
+    """RL's reward for a completion of `problem`: 1.0 when it is correct. Another verifier goes here."""
     return float(correct(completion, problem["answer"]))
 
 def has_jargon(text):
@@ -88,8 +93,8 @@ def strip_jargon(text):
 
 # -----------------------------------------------------------------------------
 # The tandem decoder: two models, two KV caches, one text. A causal LM is a body that makes hidden states (base_model)
-# and an output layer that makes logits (get_output_embeddings()): called apart, they give logits only where needed.
-# load_model checks that the two give the model's own logits.
+# and an output layer that makes logits (get_output_embeddings()): called apart (load_model checks that they give the
+# model's own logits), they give logits only where needed.
 
 class Rollout(NamedTuple):
     tokens: torch.Tensor  # B x T sampled token ids (eos after a row has ended)
@@ -101,7 +106,9 @@ def position_ids(attention_mask):  # a left-padded row counts from its first rea
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 def sample(logits, temperature):  # temperature 0: greedy
-    return logits.argmax(-1) if temperature == 0 else torch.multinomial(F.softmax(logits.float() / temperature, -1), 1)[:, 0]
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(F.softmax(logits.float() / temperature, -1), 1)[:, 0]
 
 @torch.no_grad()
 def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, temperature, eos_token_id, vocab_size=None,
@@ -110,14 +117,14 @@ def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, tempera
     first author is drawn at the start (the weak model with probability `handoff_prob`), and again right after a token
     that `boundaries` marks (a bool per vocabulary entry, from draw_rule) or `max_gap` tokens after the last draw (the
     default, 1: every token, the paper's rule). `shared_coins`: one draw for all rows, so by token one model runs.
-    `tokenizers` that differ: the models share text, not tokens (tandem_generate_across; `weak_boundaries`: the weak's)."""
+    `tokenizers` that differ: the models share text (tandem_generate_across; `weak_boundaries`: the weak model's)."""
     if tokenizers and tokenizers["weak"] is not tokenizers["strong"]:
         return tandem_generate_across(strong, weak, prompts, handoff_prob, max_new_tokens, temperature, tokenizers,
                                       max_gap, {"strong": boundaries, "weak": weak_boundaries}, shared_coins)
     models = {"strong": strong, "weak": weak}
     B, T, device = prompts["strong"][0].shape[0], max_new_tokens, prompts["strong"][0].device
     coins = (torch.rand(T + 1, 1 if shared_coins else B) < handoff_prob).expand(T + 1, B).to(device)  # True: weak
-    # Per model: one buffer of prompt and new tokens, its mask and positions, a static KV cache (a DynamicCache copies itself)
+    # Per model: a buffer of prompt and new tokens, its mask and positions, a static KV cache (a DynamicCache copies)
     seq = {n: torch.cat([ids, ids.new_full((B, T), eos_token_id)], 1) for n, (ids, _) in prompts.items()}
     attn = {n: torch.cat([mask, mask.new_ones(B, T)], 1) for n, (_, mask) in prompts.items()}
     positions = {n: position_ids(a) for n, a in attn.items()}
@@ -153,84 +160,120 @@ def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, tempera
     length = int(mask.any(0).sum())  # tokens written: to the last row's eos, or T
     return Rollout(seq["strong"][:, start["strong"]:start["strong"] + length], from_weak[:, :length], mask[:, :length])
 
+class Row:
+    """One rollout's state when the models share text, not tokens; each dict is by model ("strong", "weak")."""
+    def __init__(self, prompt, author):
+        self.stream = prompt  # token ids: the prompt, then what the model read and wrote (a stream only grows)
+        self.start = {n: len(ids) for n, ids in prompt.items()}  # where its new tokens begin
+        self.weak_wrote = {n: [] for n in prompt}  # per new token: the weak model wrote it
+        self.cached = {n: 0 for n in prompt}  # how much of the stream is in the model's cache
+        self.unread = {n: "" for n in prompt}  # the text the other model wrote since this one last wrote
+        self.author, self.run, self.since_draw, self.ended = author, 0, 0, None  # run: the author's tokens so far
+
+    def add(self, n, ids, by_weak):
+        self.stream[n] += ids
+        self.weak_wrote[n] += [by_weak] * len(ids)
+
+    def read(self, n, tokenizer):  # n is about to write: the other's text since n last wrote, in n's tokens
+        self.add(n, encode_piece(tokenizer, self.unread[n]), n == "strong")
+        self.unread[n] = ""
+
+    def hand_over(self, tokenizers):  # the author's run is over: the other model will read its text
+        self.unread[OTHER[self.author]] += piece_text(tokenizers[self.author], self.stream[self.author], self.run)
+        self.run = 0
+
+OTHER = {"strong": "weak", "weak": "strong"}
+
 @torch.no_grad()
 def tandem_generate_across(strong, weak, prompts, handoff_prob, max_new_tokens, temperature, tokenizers, max_gap,
                            boundaries, shared_coins):
-    """tandem_generate for two tokenizers, with its draws: the models share text. Each keeps its own token stream (which
-    only grows: the strong model's loss is taken on it) and cache and, about to write, reads the text written since it
-    last wrote, in its own tokens; an author writes on until its text decodes whole. A row's new tokens end a pass."""
-    models, other = {"strong": strong, "weak": weak}, {"strong": "weak", "weak": "strong"}
-    B, T, device = prompts["strong"][0].shape[0], max_new_tokens, prompts["strong"][0].device
-    coins = (torch.rand(T + 1, 1 if shared_coins else B) < handoff_prob).expand(T + 1, B).tolist()  # True: weak
+    """tandem_generate for two tokenizers, with its draws: the models share text. Each keeps its own token stream and
+    cache and, about to write, reads the text written since it last wrote, in its own tokens (a Row holds all of a
+    rollout's state); an author writes on until its text decodes whole. The strong model's loss is on its stream."""
+    models = {"strong": strong, "weak": weak}
+    B, device = prompts["strong"][0].shape[0], prompts["strong"][0].device
+    coins = (torch.rand(max_new_tokens + 1, 1 if shared_coins else B) < handoff_prob).expand(-1, B).tolist()
     eos = {n: tok.eos_token_id for n, tok in tokenizers.items()}
     boundaries = {n: None if b is None else b.tolist() for n, b in boundaries.items()}  # read row by row, on the host
-    # Per model and row: its stream, how much of it is in the cache, text to read, which new tokens the weak one wrote
-    stream = {n: [row[keep.bool()].tolist() for row, keep in zip(*prompts[n])] for n in models}
-    cached, unread, weak_wrote = ({n: [empty() for _ in range(B)] for n in models} for empty in (int, str, list))
-    # A DynamicCache, as how long a stream grows is not known, and a mask that grows with it (0: a hole, see below)
-    caches, attn = {n: DynamicCache(config=m.config) for n, m in models.items()}, {n: prompts[n][1][:, :0] for n in models}
-    author, run, since_draw, ended = ["weak" if c else "strong" for c in coins[0]], [0] * B, [0] * B, [None] * B
-    def add(n, r, ids, by_weak):
-        stream[n][r] += ids
-        weak_wrote[n][r] += [by_weak] * len(ids)
-    def hand_over(r, n):  # n's run in row r is over: the other model will read its text
-        unread[other[n]][r], run[r] = unread[other[n]][r] + piece_text(tokenizers[n], stream[n][r], run[r]), 0
-    for t in range(T):
-        rows = {n: [r for r in range(B) if author[r] == n and not ended[r]] for n in models}
-        for n in [n for n in models if rows[n]]:
-            for r in rows[n]:  # lazily: the other's text since this model last wrote in the row
-                add(n, r, encode_piece(tokenizers[n], unread[n][r]), n == "strong")
-                unread[n][r] = ""
-            new, cached[n] = [s[c:] for s, c in zip(stream[n], cached[n])], [len(s) for s in stream[n]]
-            width = max(map(len, new))
-            ids = torch.tensor([[eos[n]] * (width - len(x)) + x for x in new], device=device)
-            attn[n] = torch.cat([attn[n], torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in new], device=device)], 1)
-            out = models[n].base_model(ids, attention_mask=attn[n], position_ids=position_ids(attn[n])[:, -width:],
-                                       cache=caches[n], use_cache=True).last_hidden_state[rows[n], -1]
-            # The holes leave the cache (where a key sits does not matter to attention): a row's tokens, at its end
-            keep = attn[n].argsort(1)[:, -int(attn[n].sum(1).max()):]
-            for layer in caches[n].layers:
-                layer.keys, layer.values = (x.gather(2, keep[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])) for x in (layer.keys, layer.values))
-            attn[n] = attn[n].gather(1, keep)
-            logits = models[n].get_output_embeddings()(out)[:, :len(tokenizers[n])]
-            for r, token in zip(rows[n], sample(logits, temperature).tolist()):
-                add(n, r, [token], n == "weak")  # an end token ends the row; the other stream gets its own end below
-                run[r], since_draw[r], ended[r] = run[r] + 1, since_draw[r] + 1, n if token == eos[n] else None
-                due = since_draw[r] >= max_gap or (boundaries[n] is not None and boundaries[n][token])
-                # Drawn only once the run is some whole text: decoded when due, it ends in U+FFFD while a character's bytes are missing
-                if due and not ended[r] and (text := piece_text(tokenizers[n], stream[n][r], min(run[r], 4))) and text[-1] != "\ufffd":
-                    since_draw[r], author[r] = 0, "weak" if coins[t + 1][r] else "strong"
-                    if author[r] != n:
-                        hand_over(r, n)
-    for r in range(B):  # what each model has not read yet: the strong stream is the rollout, the weak one scores it
-        hand_over(r, author[r])
+    rows = []
+    for r in range(B):
+        prompt = {n: ids[r][mask[r].bool()].tolist() for n, (ids, mask) in prompts.items()}
+        rows.append(Row(prompt, "weak" if coins[0][r] else "strong"))
+    # A DynamicCache, as how long a stream grows is not known, and a mask that grows with it (0: a hole, see read_pass)
+    caches = {n: DynamicCache(config=m.config) for n, m in models.items()}
+    attn = {n: prompts[n][1][:, :0] for n in models}
+    for t in range(max_new_tokens):
+        writers = {n: [r for r, row in enumerate(rows) if row.author == n and not row.ended] for n in models}
+        for n in [n for n in models if writers[n]]:
+            for r in writers[n]:  # lazily: what the other wrote since n last wrote
+                rows[r].read(n, tokenizers[n])
+            hidden, attn[n] = read_pass(models[n], caches[n], attn[n], rows, n, eos[n])
+            logits = models[n].get_output_embeddings()(hidden[writers[n]])[:, :len(tokenizers[n])]
+            for r, token in zip(writers[n], sample(logits, temperature).tolist()):
+                row = rows[r]
+                row.add(n, [token], n == "weak")  # an end token ends the row; the other stream gets its own end below
+                row.run, row.since_draw, row.ended = row.run + 1, row.since_draw + 1, n if token == eos[n] else None
+                due = row.since_draw >= max_gap or (boundaries[n] is not None and boundaries[n][token])
+                # Drawn once the run is whole text: decoded, it ends in U+FFFD while a character's bytes are missing
+                text = piece_text(tokenizers[n], row.stream[n], min(row.run, 4)) if due and not row.ended else ""
+                if text and text[-1] != "\ufffd":
+                    row.since_draw, author = 0, "weak" if coins[t + 1][r] else "strong"
+                    if author != n:
+                        row.hand_over(tokenizers)
+                        row.author = author
+    for row in rows:  # what each model has not read yet: the strong stream is the rollout, the weak one scores it
+        row.hand_over(tokenizers)
         for n in models:  # and the other's end token as its own, when the other ended the row
-            add(n, r, encode_piece(tokenizers[n], unread[n][r]) + ([eos[n]] if ended[r] == other[n] else []), n == "strong")
+            row.read(n, tokenizers[n])
+            row.add(n, [eos[n]] if row.ended == OTHER[n] else [], n == "strong")
     def rollout(n):  # each row's new tokens, then eos (masked out) to the longest's length
-        new = [s[int(real.sum()):] for s, real in zip(stream[n], prompts[n][1])]
-        pad = lambda rows, fill: torch.tensor([row + [fill] * (max(map(len, new)) - len(row)) for row in rows], device=device)
-        return Rollout(pad(new, eos[n]), pad(weak_wrote[n], False), pad([[True] * len(row) for row in new], False))
+        new = [row.stream[n][row.start[n]:] for row in rows]
+        def pad(lists, fill):
+            return torch.tensor([x + [fill] * (max(map(len, new)) - len(x)) for x in lists], device=device)
+        weak_wrote, mask = [row.weak_wrote[n] for row in rows], [[True] * len(x) for x in new]
+        return Rollout(pad(new, eos[n]), pad(weak_wrote, False), pad(mask, False))
     return rollout("strong")._replace(weak_view=rollout("weak"))
 
+def read_pass(model, cache, attn, rows, n, pad_id):
+    """One forward pass of model n over every row's tokens that are not in its cache yet, right-aligned (the holes on
+    the left of a shorter row are masked): (each row's last hidden state, the mask). The holes then leave the cache
+    (where a key sits does not matter to attention, and positions count the mask): it is as long as the longest row."""
+    new = [row.stream[n][row.cached[n]:] for row in rows]
+    for row in rows:
+        row.cached[n] = len(row.stream[n])
+    width = max(map(len, new))
+    ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in new], device=attn.device)
+    attn = torch.cat([attn, torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in new], device=attn.device)], 1)
+    out = model.base_model(ids, attention_mask=attn, position_ids=position_ids(attn)[:, -width:], cache=cache,
+                           use_cache=True)
+    keep = attn.argsort(1)[:, -int(attn.sum(1).max()):]  # a row's tokens, at its end
+    for layer in cache.layers:
+        index = keep[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+    return out.last_hidden_state[:, -1], attn.gather(1, keep)
+
 def encode_piece(tokenizer, text):
-    """`text` in the middle of a stream: after an anchor (the end token, dropped), so no BOS or SentencePiece "▁" goes first."""
+    """`text` in the middle of a stream: after an anchor (the end token, dropped), so no BOS or "▁" goes first."""
     return tokenizer(tokenizer.eos_token + text, add_special_tokens=False)["input_ids"][1:] if text else []
 
 def piece_text(tokenizer, ids, k):
-    """The text of the last k of `ids`, special tokens left out, decoded after a few before them (a first "▁" keeps its space)."""
-    text = [tokenizer.decode(ids[max(len(ids) - k - 4, 0):end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            for end in (len(ids) - k, len(ids))]
-    return text[1][len(text[0]):]
+    """The text of the last k of `ids`, special tokens left out, decoded after a few before them (so that a first "▁"
+    keeps its space)."""
+    before, whole = (tokenizer.decode(ids[max(len(ids) - k - 4, 0):end], skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=False) for end in (len(ids) - k, len(ids)))
+    return whole[len(before):]
 
 # --handoff-unit: the next token's author is drawn again right after a token whose surface form (its string in the
 # vocabulary) the unit accepts, and --max-gap tokens after the last draw. A new unit is one more entry.
 HANDOFF_UNITS = {"token": lambda surface: True,  # the paper's: every token
-                 # the follow-up's code: after a word's first token (byte-level "Ġ", SentencePiece "▁"), not a newline
+                 # the follow-up's code: after a word's first token (byte-level "Ġ", SentencePiece "▁"), no newline
                  "word": lambda surface: surface.startswith(("Ġ", "▁"))}
 
 def draw_rule(unit, max_gap, tokenizers, device):  # tandem_generate's keywords for --handoff-unit and --max-gap
-    boundaries = {n: torch.tensor([HANDOFF_UNITS[unit](s) for s in tok.convert_ids_to_tokens(list(range(len(tok))))], device=device)
-                  for n, tok in tokenizers.items()}  # each author's in its own tokens (one tokenizer: the same)
+    boundaries = {}  # each author's, in its own tokens (one tokenizer: the same)
+    for n, tok in tokenizers.items():
+        surfaces = tok.convert_ids_to_tokens(list(range(len(tok))))
+        boundaries[n] = torch.tensor([HANDOFF_UNITS[unit](s) for s in surfaces], device=device)
     return {"boundaries": boundaries["strong"], "weak_boundaries": boundaries["weak"], "max_gap": max_gap}
 
 def completion_texts(tokenizer, rollout):
@@ -269,7 +312,7 @@ def policy_gradient(model, prompt, rollout, advantages, temperature, micro_batch
     """Add the REINFORCE gradient to model's .grad; return the loss: -sum(advantage * log p(token)) over the strong
     model's own tokens (eos included) over their number in the whole batch, on every process, so that micro-batches add
     up to one batch's gradient. Weak tokens are context, not actions, unless `weak_token_weight` w counts each w times
-    a strong one (the follow-up's code's junior_token_loss_weight, 0 in its runs; not its paper's KL term lambda_jun)."""
+    a strong one (the follow-up's code's junior_token_loss_weight, 0 in its runs; not its paper's KL term)."""
     weight = (rollout.mask & ~rollout.from_weak) + weak_token_weight * (rollout.mask & rollout.from_weak)
     total_weight = max(all_sum({"weight": weight.sum().item()})["weight"], 1e-6)
     # Rows with zero advantage or nothing to learn from add nothing: skip their forward pass.
@@ -288,7 +331,8 @@ def rl_step(strong, weak, tokenizers, optimizer, problems, args, amp=nullcontext
     update of `strong`; returns the whole batch's metrics. `rule`: when authors are drawn, from draw_rule."""
     k = args.samples_per_prompt
     repeated = [p for p in problems for _ in range(k)]  # side by side, so that view(-1, k) below is a prompt's samples
-    prompts, tokenizer = encode_prompts(tokenizers, repeated, next(strong.parameters()).device, weak_prefix), tokenizers["strong"]
+    prompts = encode_prompts(tokenizers, repeated, next(strong.parameters()).device, weak_prefix)
+    tokenizer = tokenizers["strong"]
     with amp:
         rollout = tandem_generate(strong, weak, prompts, args.handoff_prob, args.max_new_tokens, args.temperature,
                                   tokenizer.eos_token_id, len(tokenizer), shared_coins=args.coins == "batch",
@@ -305,10 +349,11 @@ def rl_step(strong, weak, tokenizers, optimizer, problems, args, amp=nullcontext
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     switches = ((rollout.from_weak[:, 1:] != rollout.from_weak[:, :-1]) & rollout.mask[:, 1:]).sum().item()
-    total = all_sum({"reward": rewards.sum().item(), "rollout_jargon_rate": sum(map(has_jargon, texts)), "switches": switches,
-                     "rollout_tokens": rollout.mask.sum().item(), "rollouts": len(texts),
+    total = all_sum({"reward": rewards.sum().item(), "rollout_jargon_rate": sum(map(has_jargon, texts)),
+                     "switches": switches, "rollout_tokens": rollout.mask.sum().item(), "rollouts": len(texts),
                      "weak_tokens": rollout.from_weak.sum().item(), "loss": loss})  # the whole batch's
-    per_rollout = {k: total[k] / total["rollouts"] for k in ["reward", "rollout_jargon_rate", "switches", "rollout_tokens"]}
+    per_rollout = {k: total[k] / total["rollouts"] for k in ["reward", "rollout_jargon_rate", "switches",
+                                                             "rollout_tokens"]}
     return per_rollout | {"weak_frac": total["weak_tokens"] / max(total["rollout_tokens"], 1), "loss": total["loss"],
                           "grad_norm": grad_norm, "rollouts": int(total["rollouts"]), "skipped": skipped}
 
@@ -330,19 +375,24 @@ def evaluate(strong, weak, tokenizers, problems, handoff_prob=0.5, curve=(), max
             texts, batches = runs[p] = ([], [])
             for i in range(0, n, batch_size):
                 prompts = encode_prompts(tokenizers, problems[i:i + batch_size], device, weak_prefix)
-                rollout = tandem_generate(strong, weak, prompts, p, max_new_tokens, temperature, tokenizers["strong"].eos_token_id,
-                                          len(tokenizers["strong"]), tokenizers=tokenizers, **(rule or {}))
+                rollout = tandem_generate(strong, weak, prompts, p, max_new_tokens, temperature,
+                                          tokenizers["strong"].eos_token_id, len(tokenizers["strong"]),
+                                          tokenizers=tokenizers, **(rule or {}))
                 texts.extend(completion_texts(tokenizers["strong"], rollout))
                 batches.append((prompts, rollout))
             print(f"  decoded {n} problems at handoff {p:g} ({time.time() - t0:.0f}s)", flush=True)
-        # Legibility as the follow-up paper measures it: the weak model's NLL of the strong's solutions, in its own tokens
-        views = [(prompts["weak"], rollout.weak_view or rollout) for prompts, rollout in runs[0.0][1]]
-        nll = -sum(completion_logprobs(weak, p, v.tokens, v.mask, 0.0, len(tokenizers["weak"]))[v.mask].sum().item() for p, v in views)
-        result = {"n": n, "tandem_handoff_prob": handoff_prob, "weak_nll": nll / max(sum(v.mask.sum().item() for _, v in views), 1),
-                  "weak_nll_per_char": nll / max(sum(map(len, runs[0.0][0])), 1)}  # nats per token, per character
+        # Legibility as the follow-up paper measures it: the weak model's NLL of the strong's solutions, in its tokens
+        nll, tokens = 0.0, 0
+        for prompts, rollout in runs[0.0][1]:
+            view = rollout.weak_view or rollout
+            logp = completion_logprobs(weak, prompts["weak"], view.tokens, view.mask, 0.0, len(tokenizers["weak"]))
+            nll, tokens = nll - logp[view.mask].sum().item(), tokens + view.mask.sum().item()
+        result = {"n": n, "tandem_handoff_prob": handoff_prob, "weak_nll": nll / max(tokens, 1),  # nats per token,
+                  "weak_nll_per_char": nll / max(sum(map(len, runs[0.0][0])), 1)}  # and per character
     def accuracy(p):
         return sum(correct(t, q["answer"]) for t, q in zip(runs[p][0], problems)) / n
-    result |= {"strong_accuracy": accuracy(0.0), "weak_accuracy": accuracy(1.0), "tandem_accuracy": accuracy(handoff_prob),
+    result |= {"strong_accuracy": accuracy(0.0), "weak_accuracy": accuracy(1.0),
+               "tandem_accuracy": accuracy(handoff_prob),
                "strong_jargon_rate": sum(map(has_jargon, runs[0.0][0])) / n,
                "tandem_jargon_rate": sum(map(has_jargon, runs[handoff_prob][0])) / n,
                "strong_tokens": sum(r.mask.sum().item() for _, r in runs[0.0][1]) / n}
@@ -382,49 +432,64 @@ def sft(model, tokenizer, problems, steps, batch_size, lr, jargon_frac, seed, am
 # Command line and main
 
 def handoff_flags(p):  # who writes which token: the flags that tandem.py and eval.py share
-    p.add_argument("--handoff-prob", type=number(float, 0, 1), default=0.5, help="chance a draw picks the weak model (paper: 0.5; 0: strong alone)")
-    p.add_argument("--handoff-unit", default="token", choices=list(HANDOFF_UNITS), help="token: a draw per token (paper); word: after word starts (follow-up)")
-    p.add_argument("--max-gap", type=number(int, 1), default=32, help="also a draw after this many tokens without one (follow-up: 32)")
+    p.add_argument("--handoff-prob", type=number(float, 0, 1), default=0.5,
+                   help="chance a draw picks the weak model (paper: 0.5; 0: the strong model alone)")
+    p.add_argument("--handoff-unit", default="token", choices=list(HANDOFF_UNITS),
+                   help="token: a draw per token (paper); word: after each word start (follow-up)")
+    p.add_argument("--max-gap", type=number(int, 1), default=32,
+                   help="also a draw this long after the last (follow-up: 32)")
 
 def parse_args(argv=None):
     p = Parser(description="Tandem training of a strong LM with a frozen weak partner on GSM8K.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows every default
-    # Models and data
-    p.add_argument("--weak", default="gpt2", help="frozen weak model: hub name or local folder")
-    p.add_argument("--strong", default="gpt2-medium", help="strong model to train: hub name or local folder")
-    p.add_argument("--data", default="openai/gsm8k", help="hub dataset, folder with train.jsonl and test.jsonl, or a .jsonl")
-    p.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads")
-    handoff_flags(p)  # handoffs (--handoff-prob 0: plain RL)
-    p.add_argument("--coins", default="row", choices=["row", "batch"], help="row: every rollout draws its own; batch: one draw per step for all")
-    # RL
-    p.add_argument("--steps", type=number(int, 1), default=100, help="RL updates (the paper sees the jargon go within about 20)")
-    p.add_argument("--batch-size", type=number(int, 1), default=32, help="prompts per RL update")
-    p.add_argument("--samples-per-prompt", type=number(int, 1), default=2, help="rollouts per prompt (paper: 2)")
-    p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="longest solution sampled (paper: 256)")
-    p.add_argument("--temperature", type=number(float, 0), default=0.7, help="sampling temperature of the rollouts (paper: 0.7)")
-    p.add_argument("--baseline", default="loo", choices=["loo", "mean", "none"], help="loo: mean reward of the prompt's other samples")
-    p.add_argument("--weak-token-weight", type=number(float, 0), default=0.0, help="weight of the weak model's tokens in the loss (0: none)")
-    p.add_argument("--lr", type=number(float, 0), default=1e-5, help="AdamW learning rate of the RL updates")
-    p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip each update's gradient norm to this")
-    p.add_argument("--micro-batch-size", type=number(int, 1), default=16, help="rollouts per forward/backward of the loss (memory)")
-    # Warm-start
-    p.add_argument("--sft-steps", type=number(int, 0), default=1000, help="warm-start steps of the strong model (0: as given)")
-    p.add_argument("--weak-sft-steps", type=number(int, 0), default=None, help="warm-start steps of the weak model (0: as given; default: --sft-steps)")
-    p.add_argument("--sft-batch-size", type=number(int, 1), default=16, help="solutions per warm-start step")
-    p.add_argument("--sft-lr", type=number(float, 0), default=5e-5, help="AdamW learning rate of the warm-start")
-    p.add_argument("--sft-jargon-frac", type=number(float, 0, 1), default=1.0, help="share of the strong model's solutions that keep <<...>>")
-    # Evaluation and the run
-    p.add_argument("--eval-every", type=number(int, 0), default=20, help="evaluate every N updates, first and last too (0: never)")
-    p.add_argument("--eval-limit", type=number(int, 1), default=200, help="test problems per evaluation")
-    p.add_argument("--eval-batch-size", type=number(int, 1), default=64, help="test problems decoded together")
-    p.add_argument("--eval-handoff-prob", type=number(float, 0, 1), default=0.5, help="the pair's handoff probability in evaluations, plain RL's too")
-    p.add_argument("--out", default=None, help="run folder (default runs/<date-time>)")
-    p.add_argument("--resume", action="store_true", help="go on with the run in --out from its last checkpoint")
-    p.add_argument("--save-every", type=number(int, 0), default=20, help="write a checkpoint every N updates (0: never)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (data order, sampling, handoffs)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is one")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype (auto: bfloat16 on cuda)")
-    p.add_argument("--trust-remote-code", action="store_true", help="let models run code from their folder or hub repo")
+    g = p.add_argument_group("models and data")
+    g.add_argument("--weak", default="gpt2", help="frozen weak model: hub name or local folder")
+    g.add_argument("--strong", default="gpt2-medium", help="strong model to train: hub name or local folder")
+    g.add_argument("--data", default="openai/gsm8k",
+                   help="hub dataset, a folder of train.jsonl, test.jsonl, or a .jsonl")
+    g.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads")
+    g = p.add_argument_group("handoffs (--handoff-prob 0: plain RL)")
+    handoff_flags(g)
+    g.add_argument("--coins", default="row", choices=["row", "batch"],
+                   help="row: every rollout draws its own; batch: one draw per step for all")
+    g = p.add_argument_group("RL")
+    g.add_argument("--steps", type=number(int, 1), default=100, help="RL updates (paper: the jargon goes in about 20)")
+    g.add_argument("--batch-size", type=number(int, 1), default=32, help="prompts per RL update")
+    g.add_argument("--samples-per-prompt", type=number(int, 1), default=2, help="rollouts per prompt (paper: 2)")
+    g.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="longest solution sampled (paper: 256)")
+    g.add_argument("--temperature", type=number(float, 0), default=0.7,
+                   help="rollouts' sampling temperature (paper: 0.7)")
+    g.add_argument("--baseline", default="loo", choices=["loo", "mean", "none"],
+                   help="loo: the mean reward of the prompt's other samples")
+    g.add_argument("--weak-token-weight", type=number(float, 0), default=0.0,
+                   help="weight of the weak model's tokens in the loss (0: none)")
+    g.add_argument("--lr", type=number(float, 0), default=1e-5, help="AdamW learning rate of the RL updates")
+    g.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip each update's gradient norm to this")
+    g.add_argument("--micro-batch-size", type=number(int, 1), default=16, help="rollouts per forward/backward (memory)")
+    g = p.add_argument_group("warm-start")
+    g.add_argument("--sft-steps", type=number(int, 0), default=1000,
+                   help="warm-start steps, strong model (0: as given)")
+    g.add_argument("--weak-sft-steps", type=number(int, 0), default=None,
+                   help="warm-start steps of the weak model (0: as given; default: --sft-steps)")
+    g.add_argument("--sft-batch-size", type=number(int, 1), default=16, help="solutions per warm-start step")
+    g.add_argument("--sft-lr", type=number(float, 0), default=5e-5, help="AdamW learning rate of the warm-start")
+    g.add_argument("--sft-jargon-frac", type=number(float, 0, 1), default=1.0,
+                   help="share of the strong model's solutions that keep <<...>>")
+    g = p.add_argument_group("evaluation and the run")
+    g.add_argument("--eval-every", type=number(int, 0), default=20,
+                   help="evaluate every N updates, first, last (0: never)")
+    g.add_argument("--eval-limit", type=number(int, 1), default=200, help="test problems per evaluation")
+    g.add_argument("--eval-batch-size", type=number(int, 1), default=64, help="test problems decoded together")
+    g.add_argument("--eval-handoff-prob", type=number(float, 0, 1), default=0.5,
+                   help="the pair's handoff probability in evaluations, plain RL's too")
+    g.add_argument("--out", default=None, help="run folder (default runs/<date-time>)")
+    g.add_argument("--resume", action="store_true", help="go on with the run in --out from its last checkpoint")
+    g.add_argument("--save-every", type=number(int, 0), default=20, help="a checkpoint every N updates (0: never)")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random choice (data order, sampling, handoffs)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is one")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (auto: bf16 on cuda)")
+    g.add_argument("--trust-remote-code", action="store_true", help="let models run code from their folder or hub repo")
     args = p.parse_args(argv)
     if args.baseline == "loo" and args.samples_per_prompt < 2:
         p.error("the leave-one-out baseline needs --samples-per-prompt 2 or more (or --baseline mean or none)")
@@ -439,7 +504,7 @@ def main(argv=None):
     device, amp = pick_device(args.device, args.dtype)
     rank, world_size, device = init_distributed(device)
     if args.batch_size % world_size:
-        raise UsageError(f"--batch-size {args.batch_size} does not split over {world_size} processes: make it a multiple")
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {world_size} processes: a multiple does")
     torch.manual_seed(args.seed + rank)  # each process samples rollouts of its own
     train, test = load_gsm8k("train", args.data), load_gsm8k("test", args.data)[:args.eval_limit]
     weak_prefix = read_text(args.weak_prompt) if args.weak_prompt else None
@@ -447,7 +512,8 @@ def main(argv=None):
         return
     # The warm-start is saved in the run folder, and a resumed run takes it from there.
     sft_path = {role: os.path.join(out, "sft", role) for role in ("strong", "weak")}
-    sft_steps = {"strong": args.sft_steps, "weak": args.sft_steps if args.weak_sft_steps is None else args.weak_sft_steps}
+    weak_steps = args.sft_steps if args.weak_sft_steps is None else args.weak_sft_steps
+    sft_steps = {"strong": args.sft_steps, "weak": weak_steps}
     warm = {role: sft_steps[role] > 0 and os.path.exists(path) for role, path in sft_path.items()}
     tokenizers, strong, weak = load_pair(sft_path["strong"] if warm["strong"] else args.strong,
                                         sft_path["weak"] if warm["weak"] else args.weak, device, args.trust_remote_code)
@@ -455,11 +521,11 @@ def main(argv=None):
     start_run(out, args, rank)
     print(f"run folder {out} | device {device} | {world_size} process(es) | {len(train)} train problems")
 
-    # Warm-start: the strong model learns the jargon, the weak one sees the same solutions without it (each in its tokens).
+    # Warm-start: the strong model learns the jargon, the weak one the same solutions without it (each in its tokens).
     for role, model, jargon_frac in [("strong", strong, args.sft_jargon_frac), ("weak", weak, 0.0)]:
         if sft_steps[role] > 0 and not warm[role]:
-            sft(model, tokenizers[role], train, sft_steps[role], args.sft_batch_size, args.sft_lr, jargon_frac, args.seed, amp,
-                f"sft {role}")
+            sft(model, tokenizers[role], train, sft_steps[role], args.sft_batch_size, args.sft_lr, jargon_frac,
+                args.seed, amp, f"sft {role}")
             share_weights(model)
             save_model(model, tokenizers[role], sft_path[role], rank)
     weak.requires_grad_(False)
@@ -471,8 +537,8 @@ def main(argv=None):
     last_step, log = resume(out, strong, optimizer, rng, rank, args.resume)
 
     def evaluation(step):  # every process evaluates (the same problems, the same result): none waits on another
-        result = evaluate(strong, weak, tokenizers, test, args.eval_handoff_prob, max_new_tokens=args.max_new_tokens, amp=amp,
-                          batch_size=args.eval_batch_size, seed=args.seed, rule=rule, weak_prefix=weak_prefix)
+        result = evaluate(strong, weak, tokenizers, test, args.eval_handoff_prob, max_new_tokens=args.max_new_tokens,
+                          amp=amp, batch_size=args.eval_batch_size, seed=args.seed, rule=rule, weak_prefix=weak_prefix)
         log({"step": step, "kind": "eval"} | result)
         print(f"eval at step {step} | " + " | ".join(f"{k} {result[k]:.3f}" for k in [
             "strong_accuracy", "tandem_accuracy", "weak_accuracy", "strong_jargon_rate", "weak_nll"]), flush=True)
@@ -484,8 +550,10 @@ def main(argv=None):
         batch = rng.sample(train, min(args.batch_size, len(train)))[rank::world_size]
         metrics = rl_step(strong, weak, tokenizers, optimizer, batch, args, amp, rule, weak_prefix)
         log({"step": step, "kind": "train"} | metrics | {"seconds": time.time() - t0})
-        shown = " | ".join(f"{k} {metrics[k]:.3f}" for k in ["reward", "rollout_jargon_rate", "weak_frac", "switches", "loss"])
-        print(f"step {step}/{args.steps} | {shown} | {time.time() - t0:.1f}s{' | non-finite, skipped' if metrics['skipped'] else ''}", flush=True)
+        keys = ["reward", "rollout_jargon_rate", "weak_frac", "switches", "loss"]
+        shown = " | ".join(f"{k} {metrics[k]:.3f}" for k in keys)
+        skipped = " | non-finite, skipped" if metrics["skipped"] else ""
+        print(f"step {step}/{args.steps} | {shown} | {time.time() - t0:.1f}s{skipped}", flush=True)
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             evaluation(step)
         if args.save_every and step % args.save_every == 0:
@@ -508,7 +576,8 @@ def number(kind, low, high=math.inf):
     """An argparse type: a number of `kind` from `low` to `high`."""
     def parse(text):
         if not low <= kind(text) <= high:
-            raise argparse.ArgumentTypeError(f"must be {f'from {low} to {high}' if high < math.inf else f'at least {low}'}, got {text}")
+            bounds = f"from {low} to {high}" if high < math.inf else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return kind(text)
     parse.__name__ = kind.__name__  # argparse says "invalid int value" when kind() fails
     return parse
@@ -519,7 +588,8 @@ def user_input(what, errors=(OSError, ValueError)):  # UnicodeDecodeError and JS
     try:
         yield
     except errors as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip() or type(e).__name__).split("\n")[0]
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip() or type(e).__name__)
+        reason = reason.split("\n")[0]
         raise UsageError(f"{what}: {reason}") from None
 
 def read_jsonl(path):
@@ -547,32 +617,39 @@ def load_pair(strong_name, weak_name, device, trust_remote_code=False):
     tokenizers = {}
     for role, name in [("strong", strong_name), ("weak", weak_name)]:
         with model_input(name):
-            tokenizers[role] = tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, padding_side="left")
-        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # left padding: a row's next token is its last; GPT-2 has none
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, padding_side="left")
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # left padding: GPT-2 has no pad token
+        tokenizers[role] = tokenizer
     strong_tok, weak_tok = tokenizers.values()
     if strong_tok.get_vocab() == weak_tok.get_vocab() and strong_tok.eos_token == weak_tok.eos_token:
         tokenizers["weak"] = strong_tok
     for name, tok in [(strong_name, strong_tok), (weak_name, weak_tok)] if tokenizers["weak"] is weak_tok else []:
         before = tok("Answer:", add_special_tokens=False)["input_ids"]  # a piece in the middle of a stream comes back?
-        if any(piece_text(tok, before + (ids := encode_piece(tok, text)), len(ids)) != text for text in ["12", " brown", "\n#### 5", "é."]):
-            raise UsageError(f"the tokenizer of {name!r} changes a piece of text it encodes, so it can't read a partner's text: choose another model")
-    return tokenizers, load_model(strong_name, device, trust_remote_code), load_model(weak_name, device, trust_remote_code)
+        for text in ["12", " brown", "\n#### 5", "é."]:
+            if piece_text(tok, before + encode_piece(tok, text), len(encode_piece(tok, text))) != text:
+                raise UsageError(f"the tokenizer of {name!r} changes a piece of text it encodes, so it can't read a "
+                                 "partner's text: choose another model")
+    strong, weak = (load_model(name, device, trust_remote_code) for name in (strong_name, weak_name))
+    return tokenizers, strong, weak
 
 def model_input(name):  # user_input for a model's hub name or folder
     if os.path.exists(name) and not os.path.isfile(os.path.join(name, "config.json")):
         raise UsageError(f"cannot load model {name!r}: it is not a model folder (it has no config.json)")
-    offline = " (offline: a hub name needs a network)" if os.environ.get("HF_HUB_OFFLINE") and not os.path.exists(name) else ""
-    return user_input(f"cannot load model {name!r}{offline}", Exception)  # what a broken model raises depends on its format
+    offline = os.environ.get("HF_HUB_OFFLINE") and not os.path.exists(name)
+    why = " (offline: a hub name needs a network)" if offline else ""
+    return user_input(f"cannot load model {name!r}{why}", Exception)  # a broken model raises what its format does
 
 def load_model(name, device, trust_remote_code=False):
     """A model in float32: AdamW's master copy (speed comes from autocast)."""
     with model_input(name):
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = model.to(device).eval()
     # The decoder and the loss take logits from the output layer: a model that rescales them after it (Gemma 2's
     # soft-capping, Cohere's logit_scale) would be trained on logits it never gives.
     ids = torch.arange(1, 9, device=device)[None]
     with torch.no_grad():
-        if not torch.allclose(model(ids).logits, model.get_output_embeddings()(model.base_model(ids).last_hidden_state), atol=1e-4):
+        apart = model.get_output_embeddings()(model.base_model(ids).last_hidden_state)
+        if not torch.allclose(model(ids).logits, apart, atol=1e-4):
             raise UsageError(f"model {name!r} rescales its logits after its output layer, which tandem.py does not "
                              "support (it takes logits from the output layer): choose another family")
     return model
@@ -581,16 +658,17 @@ def max_positions(model):  # None for a model whose config names no limit: then 
     return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
 
 def check_fits(strong, weak, tokenizers, problems, max_new_tokens, weak_prefix=None):
-    """One line now, not an index error mid-run, if the longest prompt and the new tokens overrun a model's positions."""
+    """One line now, not an index error mid-run, if the longest prompt and new tokens overrun a model's positions."""
     prompts = encode_prompts(tokenizers, problems, "cpu", weak_prefix)
     for name, model in [("strong", strong), ("weak", weak)]:
         longest, context = prompts[name][0].shape[1], max_positions(model)  # prompts are padded to the longest
         if context and longest + max_new_tokens > context:
-            raise UsageError(f"the longest {name} prompt ({longest} tokens) and --max-new-tokens {max_new_tokens} exceed "
-                             f"the {name} model's {context} positions: lower --max-new-tokens or shorten --weak-prompt")
+            raise UsageError(f"the longest {name} prompt ({longest} tokens) and --max-new-tokens {max_new_tokens} "
+                             f"exceed the {name} model's {context} positions: lower --max-new-tokens or shorten "
+                             "--weak-prompt")
 
 def pick_device(name, dtype="auto"):
-    """(device, autocast): bf16 autocast on CUDA by default, over float32 weights so AdamW's small updates aren't lost."""
+    """(device, autocast): bf16 autocast on CUDA by default, over float32 weights: AdamW's small updates aren't lost."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA GPU (use --device cpu)")
     device = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -615,7 +693,8 @@ def init_distributed(device):  # (rank, world_size, device) in torchrun's proces
 def all_sum(values):  # {name: its sum over all processes} for a dict of numbers
     if not dist.is_initialized():
         return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(values, t.tolist()))
 
@@ -673,7 +752,7 @@ def save_checkpoint(out, strong, optimizer, rng, step, rank):  # one dict: all t
         os.replace(path + ".tmp", path)
 
 def resume(out, strong, optimizer, rng, rank, resuming):
-    """(last_step, log): the step of the checkpoint in `out`, restored (0 without one or without --resume); and log(row),
+    """(last_step, log): the step of the checkpoint in `out`, restored (0 without one or without --resume); log(row),
     which adds a row to metrics.jsonl (rank 0 writes) once the rows written after that checkpoint are gone."""
     path, metrics_path, last_step, rows = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl"), 0, []
     if resuming and os.path.exists(path):
