@@ -101,6 +101,8 @@ class Rollout(NamedTuple):
     from_weak: torch.Tensor  # B x T bool: the weak model sampled this token
     mask: torch.Tensor  # B x T bool: a real token, up to and including the row's first eos
     weak_view: "Rollout" = None  # with two tokenizers: the same rollout in the weak model's tokens
+    set_aside: torch.Tensor = None  # with two tokenizers, B x T: the strong model began a unit here, set aside (see
+    units: torch.Tensor = None  # tandem_generate_across), and the vocabulary entries that begin one
 
 def position_ids(attention_mask):  # a left-padded row counts from its first real token (GPT-2's positions are absolute)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -168,6 +170,7 @@ class Row:
         self.weak_wrote = {n: [] for n in prompt}  # per new token: the weak model wrote it
         self.cached = {n: 0 for n in prompt}  # how much of the stream is in the model's cache
         self.unread = {n: "" for n in prompt}  # the text the other model wrote since this one last wrote
+        self.set_aside = []  # where in its new tokens the strong model began a unit that was set aside
         self.author, self.run, self.since_draw, self.ended = author, 0, 0, None  # run: the author's tokens so far
 
     def add(self, n, ids, by_weak):
@@ -178,8 +181,10 @@ class Row:
         self.add(n, encode_piece(tokenizer, self.unread[n]), n == "strong")
         self.unread[n] = ""
 
-    def hand_over(self, tokenizers):  # the author's run is over: the other model will read its text
+    def hand_over(self, tokenizers, set_aside=False):  # the author's run is over: the other model reads its text
         self.unread[OTHER[self.author]] += piece_text(tokenizers[self.author], self.stream[self.author], self.run)
+        if set_aside and self.author == "strong":
+            self.set_aside.append(len(self.stream["strong"]) - self.start["strong"])
         self.run = 0
 
 OTHER = {"strong": "weak", "weak": "strong"}
@@ -187,13 +192,17 @@ OTHER = {"strong": "weak", "weak": "strong"}
 @torch.no_grad()
 def tandem_generate_across(strong, weak, prompts, handoff_prob, max_new_tokens, temperature, tokenizers, max_gap,
                            boundaries, shared_coins):
-    """tandem_generate for two tokenizers, with its draws: the models share text. Each keeps its own token stream and
-    cache and, about to write, reads the text written since it last wrote, in its own tokens (a Row holds all of a
-    rollout's state); an author writes on until its text decodes whole. The strong model's loss is on its stream."""
+    """tandem_generate for two tokenizers: the models share text. Each keeps its own token stream and cache and, about
+    to write, reads the text written since it last wrote, in its own tokens (a Row holds all of a rollout's state);
+    the strong model's loss is on its stream. A draw falls due before a token that begins a unit, not after it: with
+    --handoff-unit word, a word's start, where both tokenizers cut the text, so each reads its partner's words as it
+    would write them (a partner that reads a cut inside one of its tokens continues badly: README). If the draw names
+    the other model, the token is set aside and the other writes from there; the strong model's choice to begin a
+    unit there is its action (Rollout.set_aside, in the loss). Draws wait until the run decodes to whole text."""
     models = {"strong": strong, "weak": weak}
     B, device = prompts["strong"][0].shape[0], prompts["strong"][0].device
     coins = (torch.rand(max_new_tokens + 1, 1 if shared_coins else B) < handoff_prob).expand(-1, B).tolist()
-    eos = {n: tok.eos_token_id for n, tok in tokenizers.items()}
+    eos, units = {n: tok.eos_token_id for n, tok in tokenizers.items()}, boundaries["strong"]
     boundaries = {n: None if b is None else b.tolist() for n, b in boundaries.items()}  # read row by row, on the host
     rows = []
     for r in range(B):
@@ -211,16 +220,17 @@ def tandem_generate_across(strong, weak, prompts, handoff_prob, max_new_tokens, 
             logits = models[n].get_output_embeddings()(hidden[writers[n]])[:, :len(tokenizers[n])]
             for r, token in zip(writers[n], sample(logits, temperature).tolist()):
                 row = rows[r]
-                row.add(n, [token], n == "weak")  # an end token ends the row; the other stream gets its own end below
-                row.run, row.since_draw, row.ended = row.run + 1, row.since_draw + 1, n if token == eos[n] else None
-                due = row.since_draw >= max_gap or (boundaries[n] is not None and boundaries[n][token])
-                # Drawn once the run is whole text: decoded, it ends in U+FFFD while a character's bytes are missing
-                text = piece_text(tokenizers[n], row.stream[n], min(row.run, 4)) if due and not row.ended else ""
+                due = row.since_draw >= max_gap or boundaries[n] is None or boundaries[n][token]
+                # Decoded, a run ends in U+FFFD while a character's bytes are missing
+                text = piece_text(tokenizers[n], row.stream[n], min(row.run, 4)) if due and row.run else ""
                 if text and text[-1] != "\ufffd":
                     row.since_draw, author = 0, "weak" if coins[t + 1][r] else "strong"
                     if author != n:
-                        row.hand_over(tokenizers)
+                        row.hand_over(tokenizers, set_aside=True)
                         row.author = author
+                        continue
+                row.add(n, [token], n == "weak")  # an end token ends the row; the other stream gets its own end below
+                row.run, row.since_draw, row.ended = row.run + 1, row.since_draw + 1, n if token == eos[n] else None
     for row in rows:  # what each model has not read yet: the strong stream is the rollout, the weak one scores it
         row.hand_over(tokenizers)
         for n in models:  # and the other's end token as its own, when the other ended the row
@@ -232,7 +242,11 @@ def tandem_generate_across(strong, weak, prompts, handoff_prob, max_new_tokens, 
             return torch.tensor([x + [fill] * (max(map(len, new)) - len(x)) for x in lists], device=device)
         weak_wrote, mask = [row.weak_wrote[n] for row in rows], [[True] * len(x) for x in new]
         return Rollout(pad(new, eos[n]), pad(weak_wrote, False), pad(mask, False))
-    return rollout("strong")._replace(weak_view=rollout("weak"))
+    strong = rollout("strong")
+    set_aside = torch.zeros_like(strong.mask)
+    for r, row in enumerate(rows):  # where the strong stream goes on (a rollout cut short may not)
+        set_aside[r, [i for i in row.set_aside if i < strong.mask[r].sum()]] = True
+    return strong._replace(weak_view=rollout("weak"), set_aside=set_aside, units=units)
 
 def read_pass(model, cache, attn, rows, n, pad_id):
     """One forward pass of model n over every row's tokens that are not in its cache yet, right-aligned (the holes on
@@ -270,7 +284,13 @@ HANDOFF_UNITS = {"token": lambda surface: True,  # the paper's: every token
                  "word": lambda surface: surface.startswith(("Ġ", "▁"))}
 
 def draw_rule(unit, max_gap, tokenizers, device):  # tandem_generate's keywords for --handoff-unit and --max-gap
-    boundaries = {}  # each author's, in its own tokens (one tokenizer: the same)
+    """Each author's unit starts, in its own tokens (one tokenizer: the same). Two tokenizers share words, not tokens
+    (README), so their unit is a word unless another is named."""
+    across = tokenizers["weak"] is not tokenizers["strong"]
+    if unit == "token" and across:
+        raise UsageError("--handoff-unit token: two tokenizers share no tokens, so hand off by word (the default)")
+    unit = unit or ("word" if across else "token")
+    boundaries = {}
     for n, tok in tokenizers.items():
         surfaces = tok.convert_ids_to_tokens(list(range(len(tok))))
         boundaries[n] = torch.tensor([HANDOFF_UNITS[unit](s) for s in surfaces], device=device)
@@ -291,21 +311,28 @@ def baseline(rewards, kind="loo"):
         return rewards.mean(1, keepdim=True).expand_as(rewards)
     return torch.zeros_like(rewards)
 
-def completion_logprobs(model, prompt, tokens, mask, temperature, vocab_size=None, chunk=32):
+def completion_logprobs(model, prompt, tokens, mask, temperature, vocab_size=None, chunk=32, set_aside=None,
+                        units=None):
     """log p(token) of each generated token under `model` (B x T, differentiable); prompt = (ids, mask). Logits divided
     by the sampling temperature (on-policy), for the completion only, `chunk` positions at a time, each recomputed in
-    the backward pass instead of kept: B x T x vocab in float32 would be the step's largest tensor."""
+    the backward pass instead of kept: B x T x vocab in float32 would be the step's largest tensor. Where the model
+    began a unit that was `set_aside` (two tokenizers), the log-probability of beginning one: `units` says which."""
     seq, attn = torch.cat([prompt[0], tokens], 1), torch.cat([prompt[1], mask.to(prompt[1].dtype)], 1)
     hidden = model.base_model(seq[:, :-1], attention_mask=attn[:, :-1], position_ids=position_ids(attn)[:, :-1])
     hidden, T = hidden.last_hidden_state[:, -tokens.shape[1]:], tokens.shape[1]
+    set_aside = torch.zeros_like(mask) if set_aside is None else set_aside
     return torch.cat([checkpoint(chosen_logprobs, model.get_output_embeddings(), hidden[:, i:i + chunk],
-                                 tokens[:, i:i + chunk], temperature, vocab_size, use_reentrant=False)
-                      for i in range(0, T, chunk)], 1)
+                                 tokens[:, i:i + chunk], temperature, vocab_size, set_aside[:, i:i + chunk], units,
+                                 use_reentrant=False) for i in range(0, T, chunk)], 1)
 
-def chosen_logprobs(head, hidden, tokens, temperature, vocab_size):
+def chosen_logprobs(head, hidden, tokens, temperature, vocab_size, set_aside, units):
     logits = head(hidden)[..., :vocab_size].float()  # a bf16 log-softmax over 50k tokens is off by tenths
     logits = logits / (temperature or 1.0)  # 0 is greedy decoding (evaluation), which has no distribution: T = 1
-    return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    chosen = logits.gather(-1, tokens[..., None]).squeeze(-1)
+    if set_aside.any():  # units None: every token begins one
+        began = logits if units is None else logits.masked_fill(~units[:logits.shape[-1]], -torch.inf)
+        chosen = torch.where(set_aside, began.logsumexp(-1), chosen)
+    return chosen - logits.logsumexp(-1)
 
 def policy_gradient(model, prompt, rollout, advantages, temperature, micro_batch_size, vocab_size=None,
                     amp=nullcontext(), weak_token_weight=0.0):
@@ -313,14 +340,17 @@ def policy_gradient(model, prompt, rollout, advantages, temperature, micro_batch
     model's own tokens (eos included) over their number in the whole batch, on every process, so that micro-batches add
     up to one batch's gradient. Weak tokens are context, not actions, unless `weak_token_weight` w counts each w times
     a strong one (the follow-up's code's junior_token_loss_weight, 0 in its runs; not its paper's KL term)."""
-    weight = (rollout.mask & ~rollout.from_weak) + weak_token_weight * (rollout.mask & rollout.from_weak)
+    own = rollout.mask & ~rollout.from_weak  # the strong model's actions: its tokens, the units it began (set aside)
+    own = own if rollout.set_aside is None else own | rollout.set_aside
+    weight = own + weak_token_weight * (rollout.mask & ~own)
     total_weight = max(all_sum({"weight": weight.sum().item()})["weight"], 1e-6)
     # Rows with zero advantage or nothing to learn from add nothing: skip their forward pass.
     rows, total = ((advantages != 0) & (weight > 0).any(1)).nonzero().squeeze(1), 0.0
     for chunk in (rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)):
         with amp:
             logp = completion_logprobs(model, (prompt[0][chunk], prompt[1][chunk]), rollout.tokens[chunk],
-                                       rollout.mask[chunk], temperature, vocab_size)
+                                       rollout.mask[chunk], temperature, vocab_size, units=rollout.units,
+                                       set_aside=None if rollout.set_aside is None else rollout.set_aside[chunk])
         loss = -(advantages[chunk, None] * logp * weight[chunk]).sum() / total_weight
         loss.backward()
         total += loss.item()
@@ -349,12 +379,15 @@ def rl_step(strong, weak, tokenizers, optimizer, problems, args, amp=nullcontext
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     switches = ((rollout.from_weak[:, 1:] != rollout.from_weak[:, :-1]) & rollout.mask[:, 1:]).sum().item()
+    # The weak model's share of the text, in characters: the same whatever the two tokenizers
+    weak_chars = sum(len(tokenizer.decode(row[keep & weak], skip_special_tokens=True))
+                     for row, keep, weak in zip(rollout.tokens, rollout.mask, rollout.from_weak))
     total = all_sum({"reward": rewards.sum().item(), "rollout_jargon_rate": sum(map(has_jargon, texts)),
                      "switches": switches, "rollout_tokens": rollout.mask.sum().item(), "rollouts": len(texts),
-                     "weak_tokens": rollout.from_weak.sum().item(), "loss": loss})  # the whole batch's
+                     "weak_chars": weak_chars, "chars": sum(map(len, texts)), "loss": loss})  # the whole batch's
     per_rollout = {k: total[k] / total["rollouts"] for k in ["reward", "rollout_jargon_rate", "switches",
                                                              "rollout_tokens"]}
-    return per_rollout | {"weak_frac": total["weak_tokens"] / max(total["rollout_tokens"], 1), "loss": total["loss"],
+    return per_rollout | {"weak_frac": total["weak_chars"] / max(total["chars"], 1), "loss": total["loss"],
                           "grad_norm": grad_norm, "rollouts": int(total["rollouts"]), "skipped": skipped}
 
 # -----------------------------------------------------------------------------
@@ -434,8 +467,9 @@ def sft(model, tokenizer, problems, steps, batch_size, lr, jargon_frac, seed, am
 def handoff_flags(p):  # who writes which token: the flags that tandem.py and eval.py share
     p.add_argument("--handoff-prob", type=number(float, 0, 1), default=0.5,
                    help="chance a draw picks the weak model (paper: 0.5; 0: the strong model alone)")
-    p.add_argument("--handoff-unit", default="token", choices=list(HANDOFF_UNITS),
-                   help="token: a draw per token (paper); word: after each word start (follow-up)")
+    p.add_argument("--handoff-unit", default=None, choices=list(HANDOFF_UNITS),
+                   help="token: a draw per token (paper; default with one tokenizer); word: at word starts "
+                   "(follow-up; default with two tokenizers, which share no tokens)")
     p.add_argument("--max-gap", type=number(int, 1), default=32,
                    help="also a draw this long after the last (follow-up: 32)")
 

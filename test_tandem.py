@@ -5,6 +5,7 @@ tandem.py's banners in its order.
     pytest -s -k jargon_and_plain     # the toy world and the table it prints (TANDEM_TOY_SEED=1 for another seed)
 """
 
+import itertools
 import json
 import os
 import random
@@ -62,13 +63,15 @@ GSM8K_SAMPLES = [
 GSM8K_GOLDS = ["18", "2125", "-10"]
 
 
-def toy_problems(n, seed=0, question="What is {a} plus {b}?"):
-    """Single-digit sums in GSM8K format, with calculator annotations."""
+def toy_problems(n, seed=0, question="What is {a} plus {b}?", spaced=False):
+    """Single-digit sums in GSM8K format, with calculator annotations; `spaced`: a word for each symbol."""
     rng = random.Random(seed)
     problems = []
     for _ in range(n):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         answer = f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"
+        if spaced:  # the annotation goes as it does in GSM8K: "3 + 4 = 7" with it is "3 + 4 =<< 3 + 4 = 7 >> 7"
+            answer = f"{a} + {b} =<< {a} + {b} = {a + b} >> {a + b}\n#### {a + b}"
         problems.append({"question": question.format(a=a, b=b), "answer": answer})
     return problems
 
@@ -94,7 +97,8 @@ def toy_corpus():
     return [tandem.format_prompt(p["question"]) + " " + p["answer"] for p in toy_problems(200) + GSM8K_SAMPLES]
 
 
-def make_model(path, tokenizer, n_layer, seed, vocab_size=None, n_embd=48, n_head=2, family="gpt2", **config):
+def make_model(path, tokenizer, n_layer, seed, vocab_size=None, n_embd=48, n_head=2, family="gpt2", n_positions=128,
+               **config):
     """A randomly initialised GPT-2 (absolute positions) or Llama (rotary positions, grouped-query attention:
     4 query heads share 2 key/value heads), saved to `path` with the tokenizer unless path is None. `config`:
     more GPT2Config fields."""
@@ -107,10 +111,10 @@ def make_model(path, tokenizer, n_layer, seed, vocab_size=None, n_embd=48, n_hea
         model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=n_embd,
                                              intermediate_size=2 * n_embd, num_hidden_layers=n_layer,
                                              num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=128, **ids)).eval()
+                                             max_position_embeddings=n_positions, **ids)).eval()
     else:
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size or len(tokenizer), n_positions=128, n_embd=n_embd,
-                                           n_layer=n_layer, n_head=n_head, **ids, **config)).eval()
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size or len(tokenizer), n_positions=n_positions,
+                                           n_embd=n_embd, n_layer=n_layer, n_head=n_head, **ids, **config)).eval()
     if path is not None:
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
@@ -668,48 +672,66 @@ def test_across_tokenizers_a_handoff_never_splits_a_character(across, monkeypatc
 
 def test_across_tokenizers_the_loss_recomputes_the_sampled_logprobs(across, monkeypatch):
     """The strong model's loss is taken on its own stream, exactly as it read it while sampling: the log-probs that
-    policy_gradient's pass gives its tokens are those they were sampled with, holes between rows and all."""
-    # No row ends: each pass has them all
-    change, sampled = cleanly(monkeypatch, across.toks, {"strong": -torch.inf, "weak": -torch.inf}), []
+    policy_gradient's pass gives its tokens are those of an uncached forward over its own stream (of which its
+    samples are the argmax at temperature 0, a test above), holes between rows and all; where the strong model began a
+    word that was set aside for its partner's, the log-prob of beginning a word."""
+    change = cleanly(monkeypatch, across.toks, {"strong": -torch.inf, "weak": -torch.inf})  # no row ends
+    prompts = tandem.encode_prompts(across.toks, toy_problems(6, seed=5), "cpu")
+    rule = tandem.draw_rule("word", 4, across.toks, "cpu")
+    torch.manual_seed(0)
+    got = tandem_generate(across.strong, across.weak, prompts, 0.5, 20, 0.7, None, shared_coins=True,
+                          tokenizers=across.toks, **rule)
+    assert len(set(got.mask.sum(1).tolist())) > 1  # same steps, rows of different lengths: they read different numbers
+    chosen_logprobs = tandem.chosen_logprobs
+    monkeypatch.setattr(tandem, "chosen_logprobs", lambda head, hidden, *rest: chosen_logprobs(
+        lambda h: change(head(h)), hidden, *rest))
+    recomputed = completion_logprobs(across.strong, prompts["strong"], got.tokens, got.mask, 0.7,
+                                     len(across.toks["strong"]), set_aside=got.set_aside, units=got.units)
+    actions = (got.mask & ~got.from_weak) | got.set_aside
+    assert got.set_aside.sum() >= 3 and not (got.set_aside & ~got.from_weak).any() and actions.sum() > 30
+    ids, mask = prompts["strong"]
+    for r in range(6):
+        stream = torch.cat([ids[r][mask[r].bool()], got.tokens[r][got.mask[r]]])
+        start = int(mask[r].sum())
+        with torch.no_grad():
+            logits = across.strong(stream[None]).logits[0, :, :len(across.toks["strong"])]
+            logp = torch.log_softmax(change(logits) / 0.7, -1)
+        for p in actions[r].nonzero()[:, 0].tolist():
+            expected = logp[start + p - 1, stream[start + p]]
+            if got.set_aside[r, p]:
+                expected = logp[start + p - 1][rule["boundaries"]].logsumexp(-1)
+            assert torch.allclose(recomputed[r, p], expected, atol=1e-5), (r, p)
+
+
+def test_across_tokenizers_a_word_handoff_comes_before_a_word(across, monkeypatch):
+    """With two tokenizers, a run ends right before a token of its author's that begins a word (a cut both tokenizers
+    make), and that token is set aside for the other's. One row at a time, so that each sample call is the row's."""
+    cleanly(monkeypatch, across.toks)
+    calls = {len(tok): [] for tok in across.toks.values()}  # each model's sampled tokens, in order
     sample = tandem.sample
     def recording(logits, temperature):
         token = sample(logits, temperature)
-        if logits.shape[-1] == len(across.toks["strong"]):
-            sampled.append(torch.log_softmax(change(logits) / temperature, -1).gather(-1, token[:, None])[:, 0])
+        calls[logits.shape[-1]].append(token.item())
         return token
     monkeypatch.setattr(tandem, "sample", recording)
-    prompts = tandem.encode_prompts(across.toks, toy_problems(6, seed=5), "cpu")
-    torch.manual_seed(0)
-    got = tandem_generate(across.strong, across.weak, prompts, 0.5, 20, 0.7, None, shared_coins=True,
-                          tokenizers=across.toks)
-    assert len(set(got.mask.sum(1).tolist())) > 1  # same steps, rows of different lengths: they read different numbers
-    def changed_logprobs(head, hidden, tokens, temperature, vocab_size):
-        logp = torch.log_softmax(change(head(hidden)[..., :vocab_size]) / temperature, -1)
-        return logp.gather(-1, tokens[..., None]).squeeze(-1)
-    monkeypatch.setattr(tandem, "chosen_logprobs", changed_logprobs)
-    recomputed = completion_logprobs(across.strong, prompts["strong"], got.tokens, got.mask, 0.7,
-                                     len(across.toks["strong"]))
-    own = got.mask & ~got.from_weak
-    by_row = torch.stack(sampled, 1)  # batch coins, no end: every strong pass samples for every row, in order
-    for r in range(6):
-        assert torch.allclose(recomputed[r][own[r]], by_row[r], atol=1e-5)
-
-
-def test_across_tokenizers_word_handoffs_follow_each_authors_own_words(across, monkeypatch):
-    cleanly(monkeypatch, across.toks)
-    rule = tandem.draw_rule("word", 1000, across.toks, "cpu")
-    prompts = tandem.encode_prompts(across.toks, toy_problems(8, seed=6), "cpu")
-    torch.manual_seed(0)
-    got = tandem_generate(across.strong, across.weak, prompts, 0.5, 32, 1.5, None, tokenizers=across.toks, **rule)
-    switches = 0
-    for n, view, boundaries in [("strong", got, rule["boundaries"]), ("weak", got.weak_view, rule["weak_boundaries"])]:
-        own = view.from_weak == (n == "weak")
-        for r in range(8):
-            tokens, mine = view.tokens[r][view.mask[r]], own[r][view.mask[r]]
-            for j in range(len(tokens) - 1):
-                if mine[j] and not mine[j + 1]:  # this model's run ends: after a token that starts a word
-                    assert boundaries[tokens[j]], (n, r, j)
+    rule, switches = tandem.draw_rule("word", 1000, across.toks, "cpu"), 0
+    for problem in toy_problems(8, seed=6):
+        for made in calls.values():
+            made.clear()
+        prompts = tandem.encode_prompts(across.toks, [problem], "cpu")
+        got = tandem_generate(across.strong, across.weak, prompts, 0.5, 32, 1.5, None, tokenizers=across.toks, **rule)
+        views = [("strong", got, rule["boundaries"]), ("weak", got.weak_view, rule["weak_boundaries"])]
+        for n, view, boundaries in views:
+            made, tokens = iter(calls[len(across.toks[n])]), view.tokens[0][view.mask[0]].tolist()
+            mine = (view.from_weak[0][view.mask[0]] == (n == "weak")).tolist()
+            runs = [[t for t, m in group if m] for _, group in itertools.groupby(zip(tokens, mine), key=lambda x: x[1])]
+            for run in [run for run in runs if run]:
+                assert [next(made) for _ in run] == run  # kept as sampled
+                aside = next(made, None)  # and then the token set aside, unless the row ended there
+                if aside is not None:
+                    assert boundaries[aside], (n, problem)
                     switches += 1
+            assert next(made, None) is None
     assert switches >= 10
 
 
@@ -1037,14 +1059,14 @@ def test_cli_trains_a_llama_pair(llama, tmp_path, capsys):
 
 def test_cli_trains_and_evaluates_a_pair_of_two_tokenizers(warm_across, tmp_path, capsys):
     """tandem.py and eval.py on a pair that shares no tokenizer (a Llama with a SentencePiece-style one, a GPT-2 with
-    a byte-level one): each model's warm-start in its own tokens and saved with its tokenizer, RL with word handoffs,
-    batch coins and a weak prompt, evaluations, and eval.py's report of legibility per token and per character."""
+    a byte-level one): each model's warm-start in its own tokens and saved with its tokenizer, RL with word handoffs
+    (the default; by token is refused), batch coins and a weak prompt, evaluations, and eval.py's report of legibility
+    per token and per character."""
     data, out = write_data(tmp_path / "gsm8k", n_test=4), tmp_path / "run"
     (tmp_path / "prefix.txt").write_text("Question: What is 1 plus 1?\nAnswer: 1+1=2\n#### 2\n\n")
     printed = run_main(capsys, tandem, "--strong", warm_across / "strong", "--weak", warm_across / "weak",
                        "--data", data, "--out", out, "--sft-steps", "5", "--steps", "2", "--batch-size", "4",
-                       "--max-new-tokens", "16",
-                       "--temperature", "1.0", "--eval-every", "2", "--handoff-unit", "word", "--coins", "batch",
+                       "--max-new-tokens", "16", "--temperature", "1.0", "--eval-every", "2", "--coins", "batch",
                        "--weak-prompt", tmp_path / "prefix.txt", "--device", "cpu")
     assert "sft strong step 5/5" in printed and "sft weak step 5/5" in printed
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -1057,55 +1079,82 @@ def test_cli_trains_and_evaluates_a_pair_of_two_tokenizers(warm_across, tmp_path
                        "--max-new-tokens", "16", "--device", "cpu", "--json", tmp_path / "eval.json")
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["weak_nll"] > 0 and 0 < result["weak_nll_per_char"] and "nats/character" in printed
+    argv = ["--strong", out / "final", "--weak", out / "sft" / "weak", "--data", data, "--max-new-tokens", "16",
+            "--handoff-unit", "token"]
+    refused = usage_error(capsys, evaluation, argv + ["--device", "cpu"], alone=False)
+    assert "two tokenizers share no tokens" in refused
+
+
+def test_weak_frac_is_the_weak_models_share_of_the_text_in_characters(tiny, monkeypatch):
+    """Whatever the tokenizers: here the strong model wrote "Lee has" (two tokens) and the weak one " 15 books"."""
+    strong_ids, weak_ids = (tiny.tok(text, add_special_tokens=False)["input_ids"] for text in ["Lee has", " 15 books"])
+    tokens = torch.tensor([strong_ids + weak_ids + [tiny.tok.eos_token_id]] * 2)
+    from_weak = torch.tensor([[False] * len(strong_ids) + [True] * (len(weak_ids) + 1)] * 2)
+    scripted = Rollout(tokens, from_weak, torch.ones_like(from_weak))
+    monkeypatch.setattr(tandem, "tandem_generate", lambda *args, **kwargs: scripted)
+    args = tandem.parse_args(["--max-new-tokens", "8", "--temperature", "1.0"])
+    optimizer = torch.optim.AdamW(tiny.strong.parameters(), lr=0.0)
+    metrics = tandem.rl_step(tiny.strong, tiny.weak, both(tiny.tok), optimizer, toy_problems(1), args)
+    assert metrics["weak_frac"] == pytest.approx(len(" 15 books") / len("Lee has 15 books"))
 
 
 def taught_to_weak(problem):  # the toy sums the weak partner learns: those whose second term is 0 to 4
     return int(problem["question"].split("+")[1].rstrip("?")) <= 4
 
 
-def toy_world(tokenizers="one", seed=0, coins="row", samples=2, weak_steps=300, updates=120, jargon_frac=0.9):
+def toy_world(tokenizers="one", seed=0, coins="row", samples=2, plain=True, updates=80):
     """The paper's experiment in miniature: {"warm-start": evaluate(), "tandem RL (handoff 0.5)": ..., "plain RL
     (handoff 0)": ...}, and the table it prints. A strong model (3 layers, 400 warm-start steps) learns single-digit
     sums ("3+4?") from solutions that keep the annotation 90% of the time. The weak partner (2 layers, plain solutions)
     is weaker by what it was taught: only the sums whose second term is 0 to 4, to the end of its learning curve, so
     alone it solves those and few others (about 55% of the test sums, on any processor), while it can still continue
-    any sum's solution once its answer is written. From one warm-start, 120 REINFORCE steps of 64 rollouts at handoff
-    0.5 (tandem) and at handoff 0 (plain RL). With two tokenizers, the strong model's is SentencePiece-style and the
-    weak one's byte-level: they pass text."""
+    any sum's solution once its answer is written. From one warm-start, 80 REINFORCE steps of 64 rollouts at handoff
+    0.5 (tandem) and, if `plain`, at handoff 0 (plain RL), a draw per token. With two tokenizers the models pass text
+    and hand off by word, so the sums are written a word per symbol ("3 + 4 = 7"): "two", the strong model's tokenizer
+    is SentencePiece-style and the weak one's byte-level; "two-reverse", the strong one's has single characters and
+    the weak one's is SentencePiece-style with merges of several characters."""
     start_time = time.time()
-    # Characters, plus whole tokens for the template words.
-    tok = make_tokenizer([tandem.format_prompt("") + " #### <<>>"], vocab_size=285)
-    toks = {"strong": make_sp_tokenizer([tandem.format_prompt("") + " #### <<>> 0123456789+=?"], vocab_size=80),
-            "weak": tok} if tokenizers == "two" else both(tok)
-    # Single-digit sums, "3+4?": short prompts keep the warm-start cheap.
-    train, test = toy_problems(4000, seed, "{a}+{b}?"), toy_problems(200, seed + 1000, "{a}+{b}?")
+    spaced = tokenizers != "one"
+    train = toy_problems(4000, seed, "{a} + {b} ?" if spaced else "{a}+{b}?", spaced)
+    test = toy_problems(200, seed + 1000, "{a} + {b} ?" if spaced else "{a}+{b}?", spaced)
+    # Characters, plus whole tokens for the template words; SentencePiece-style, with and without merges of sums.
+    chars = make_tokenizer([tandem.format_prompt("") + " #### <<>>"], vocab_size=257 if spaced else 285)
+    pieces = make_sp_tokenizer([tandem.format_prompt("") + " #### <<>> 0123456789+=?"], vocab_size=80)
+    merged = make_sp_tokenizer([tandem.format_prompt(p["question"]) + " " + p["answer"] for p in train[:500]], 200)
+    toks = {"one": both(chars), "two": {"strong": pieces, "weak": chars},
+            "two-reverse": {"strong": chars, "weak": merged}}[tokenizers]
     no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # models this small learn sums faster without
-    strong = make_model(None, toks["strong"], n_layer=3, seed=seed, n_embd=64, n_head=4, **no_dropout)
-    weak = make_model(None, toks["weak"], n_layer=2, seed=seed + 1, n_embd=64, n_head=4, **no_dropout)
+    shape = dict(n_embd=64, n_head=4, n_positions=256 if spaced else 128, **no_dropout)
+    strong = make_model(None, toks["strong"], n_layer=3, seed=seed, **shape)
+    weak = make_model(None, toks["weak"], n_layer=2, seed=seed + 1, **shape)
     # 10% of the strong model's warm-start is plain: without it, it could not read the weak model's text at all.
-    tandem.sft(strong, toks["strong"], train, steps=400, batch_size=32, lr=3e-3, jargon_frac=jargon_frac, seed=seed,
-              name="sft strong")
-    tandem.sft(weak, toks["weak"], [p for p in train if taught_to_weak(p)], steps=weak_steps, batch_size=32, lr=3e-3,
+    tandem.sft(strong, toks["strong"], train, steps=400, batch_size=32, lr=3e-3, jargon_frac=0.9, seed=seed,
+               name="sft strong")
+    tandem.sft(weak, toks["weak"], [p for p in train if taught_to_weak(p)], steps=300, batch_size=32, lr=3e-3,
                jargon_frac=0.0, seed=seed + 1, name="sft weak")
     weak.requires_grad_(False)
     warm_start = {k: v.clone() for k, v in strong.state_dict().items()}
 
+    new_tokens, rule = (40, tandem.draw_rule("word", 32, toks, "cpu")) if spaced else (24, None)
+
     def evaluate():
-        return tandem.evaluate(strong, weak, toks, test, 0.5, max_new_tokens=24, batch_size=200, seed=seed)
+        return tandem.evaluate(strong, weak, toks, test, 0.5, max_new_tokens=new_tokens, batch_size=200, seed=seed,
+                               rule=rule)
 
     results = {"warm-start": evaluate()}
-    for arm, handoff_prob in [("tandem RL (handoff 0.5)", 0.5), ("plain RL (handoff 0)", 0.0)]:
+    for arm, handoff_prob in [("tandem RL (handoff 0.5)", 0.5), ("plain RL (handoff 0)", 0.0)][:2 if plain else 1]:
         strong.load_state_dict(warm_start)
         torch.manual_seed(seed)
         rng = random.Random(seed)
         optimizer = torch.optim.AdamW(strong.parameters(), lr=5e-4, weight_decay=0.0)
-        args = tandem.parse_args(["--handoff-prob", str(handoff_prob), "--max-new-tokens", "24", "--temperature", "1.0",
-                                  "--micro-batch-size", "64", "--coins", coins, "--samples-per-prompt", str(samples)])
+        args = tandem.parse_args(["--handoff-prob", str(handoff_prob), "--max-new-tokens", str(new_tokens),
+                                  "--temperature", "1.0", "--micro-batch-size", "64", "--coins", coins,
+                                  "--samples-per-prompt", str(samples)])
         for _ in range(updates):
-            tandem.rl_step(strong, weak, toks, optimizer, rng.sample(train, 64 // samples), args)
+            tandem.rl_step(strong, weak, toks, optimizer, rng.sample(train, 64 // samples), args, rule=rule)
         results[arm] = evaluate()
 
-    print(f"\ntoy world, {tokenizers} tokenizer{'s' * (tokenizers == 'two')}, seed {seed}, {coins} coins, "
+    print(f"\ntoy world, {tokenizers} tokenizer{'s' if spaced else ''}, seed {seed}, {coins} coins, "
           f"{64 // samples} prompts x {samples}: greedy, {len(test)} test problems ({time.time() - start_time:.0f}s)")
     print(f"{'':24s} {'strong alone':>12s} {'tandem 0.5':>10s} {'weak alone':>10s} {'jargon':>7s} {'weak NLL':>8s}")
     for name, r in results.items():
@@ -1114,7 +1163,7 @@ def toy_world(tokenizers="one", seed=0, coins="row", samples=2, weak_steps=300, 
     return results
 
 
-@pytest.mark.parametrize("tokenizers", ["one", "two"])
+@pytest.mark.parametrize("tokenizers", ["one", "two", "two-reverse"])
 def test_tandem_training_removes_jargon_and_plain_rl_does_not(tokenizers):
     """Both halves of the paper's claim, on toy_world: tandem training makes the strong model drop the annotations and
     write text the weak one can continue, while it stays above the weak model alone; plain RL leaves the annotations
