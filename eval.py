@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="longest solution generated")
     p.add_argument("--temperature", type=number(float, 0), default=0.0,
                    help="0: greedy (each token its owner's argmax)")
+    p.add_argument("--samples", type=number(int, 1), default=1,
+                   help="samples of each problem at --temperature, for pass@k (as the follow-up reports its accuracy)")
+    p.add_argument("--pass-at", type=ks, default=[1], help="comma-separated k of pass@k, each at most --samples")
     p.add_argument("--batch-size", type=number(int, 1), default=32, help="problems decoded together")
     p.add_argument("--seed", type=int, default=0, help="seed of the author draws (and of sampling if temperature > 0)")
     p.add_argument("--examples", type=number(int, 0), default=0,
@@ -69,6 +72,10 @@ def parse_args(argv=None):
         args.strong, args.weak = args.strong or "gpt2-medium", args.weak or "gpt2"
     elif not (args.strong and args.weak or args.plot or args.make_data):
         p.error("--strong and --weak are required (only --bench has defaults: gpt2-medium and gpt2)")
+    if args.samples > 1 and args.temperature == 0:
+        p.error("--samples above 1 needs --temperature above 0: greedy samples are all the same")
+    if max(args.pass_at) > args.samples:
+        p.error(f"--pass-at {max(args.pass_at)} needs --samples {max(args.pass_at)} or more")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: its folder does not exist")
     return args
@@ -93,12 +100,22 @@ def curve(text):
     return [number(float, 0, 1)(x) for x in text.split(",")]
 
 
+def ks(text):
+    return [number(int, 1)(x) for x in text.split(",")]
+
+
+def pass_at_k(n, c, k):
+    """pass@k from n samples of which c are right, unbiased (Chen et al. 2021): 1 - C(n - c, k) / C(n, k)."""
+    return 1.0 if n - c < k else 1 - math.comb(n - c, k) / math.comb(n, k)
+
+
 def report(result, args):
     sampling = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}"
     def acc(value, ci):
         return f"{value:9.3f}  [{ci[0]:.3f}, {ci[1]:.3f}]"
 
-    lines = [f"{args.data} ({args.split}): {result['n']} problems, {sampling}, seed {args.seed}; [95% Wilson interval]",
+    size = f"{result['n'] // args.samples} problems" + (f" x {args.samples} samples" if args.samples > 1 else "")
+    lines = [f"{args.data} ({args.split}): {size}, {sampling}, seed {args.seed}; [95% Wilson interval]",
              f"{'':32}{'accuracy':>9}{'':18}{'jargon':>7}",
              f"{'strong alone':32}{acc(result['strong_accuracy'], result['strong_accuracy_ci'])}"
              f"{result['strong_jargon_rate']:9.3f}",
@@ -111,6 +128,9 @@ def report(result, args):
              f"{result['weak_nll_per_char']:.3f} nats/character (mean length {result['strong_tokens']:.1f} tokens)"]
     for c in result.get("curve", []):
         lines.append(f"{'handoff curve at %g' % c['handoff_prob']:32}{acc(c['accuracy'], c['ci'])}")
+    for key in ["strong", "weak", "tandem"] if "strong_pass_at" in result else []:
+        shown = ", ".join(f"pass@{k} {v:.3f}" for k, v in result[f"{key}_pass_at"].items())
+        lines.append(f"{key + ' (' + str(args.samples) + ' samples a problem)':32}{shown}")
     return "\n".join(lines)
 
 
@@ -137,6 +157,7 @@ def main(argv=None):
         return make_data(args.make_data, args.seed)
     device, amp = tandem.pick_device(args.device, args.dtype)
     problems = tandem.load_gsm8k(args.split, args.data)[:args.limit]
+    problems = [p for p in problems for _ in range(args.samples)]  # a problem's samples side by side
     weak_prefix = tandem.read_text(args.weak_prompt) if args.weak_prompt else None
     tokenizers, strong, weak = tandem.load_pair(args.strong, args.weak, device, args.trust_remote_code)
     tandem.check_fits(strong, weak, tokenizers, problems, args.max_new_tokens, weak_prefix)
@@ -152,6 +173,11 @@ def main(argv=None):
         result[f"{key}_accuracy_ci"] = wilson(round(result[f"{key}_accuracy"] * n), n)
     for c in result.get("curve", []):
         c["ci"] = wilson(round(c["accuracy"] * n), n)
+    for key, p in [("strong", 0.0), ("weak", 1.0), ("tandem", args.handoff_prob)] if args.samples > 1 else []:
+        right = [tandem.correct(t, q["answer"]) for t, q in zip(runs[p][0], problems)]
+        counts = [sum(right[i:i + args.samples]) for i in range(0, n, args.samples)]
+        result[f"{key}_pass_at"] = {k: sum(pass_at_k(args.samples, c, k) for c in counts) / len(counts)
+                                    for k in args.pass_at}
     print(report(result, args))
     print(f"({time.time() - t0:.1f}s)")
     for i in range(min(args.examples, len(problems))):
@@ -439,9 +465,10 @@ def bench_setup(args):
     return device, amp, bench_model(args.strong, device, args), bench_model(args.weak, device, args)
 
 
-def rl_step_cost(args, micro_batch_size, batch_size):
+def rl_step_cost(args, micro_batch_size, batch_size, minis=1):
     """Seconds and peak memory (above what was in use before) of one RL step: tandem rollouts at
-    --handoff-prob, the gradient pass in micro-batches, the optimizer step. Every row gets a nonzero
+    --handoff-prob, the gradient pass in micro-batches, the optimizer step; with `minis` mini-batches, as the
+    follow-up's GRPO, pi_old's log-probs first, then a step per mini-batch. Every row gets a nonzero
     advantage, so every row goes through the gradient pass. Run it in a fresh process."""
     device, amp, strong, weak = bench_setup(args)
     weak.requires_grad_(False)
@@ -459,10 +486,16 @@ def rl_step_cost(args, micro_batch_size, batch_size):
     t0 = time.perf_counter()
     with amp:
         rollout = tandem.tandem_generate(strong, weak, prompts, args.handoff_prob, args.max_new_tokens, 1.0, -1)
-    tandem.policy_gradient(strong, prompts["strong"], rollout, advantages, 1.0, micro_batch_size, amp=amp)
-    torch.nn.utils.clip_grad_norm_(strong.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    rows = torch.arange(batch_size, device=device).chunk(minis)
+    loss_args = tandem.parse_args(["--batch-size", str(batch_size), "--mini-batch-size", str(batch_size // minis)])
+    old = None if minis == 1 else tandem.logprobs_of(strong, prompts["strong"], rollout, rows, 1.0, micro_batch_size,
+                                                     None, amp)
+    for mini in rows:
+        tandem.policy_gradient(strong, prompts["strong"], rollout, advantages, 1.0, micro_batch_size, amp=amp,
+                               rows=mini, old_logp=old, args=loss_args)
+        torch.nn.utils.clip_grad_norm_(strong.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     sync(device)
     return time.perf_counter() - t0, peak_memory(device) - before
 
@@ -498,13 +531,14 @@ def bench(args):
               f"   {r['prefill'] / base:8.3f}")
     del strong, weak  # the RL steps below run in fresh processes
 
-    # Peak memory must grow with the micro-batch, not with the batch.
-    steps = [(B, 1), (B, max(1, B // 4)), (B, B), (2 * B, 1)]
-    print(f"\n{'one RL step (fresh process each)':32}{'seconds':>9}{'peak memory':>14}")
+    # Peak memory must grow with the micro-batch, not with the batch. Two mini-batches: the follow-up's GRPO steps.
+    steps = [(B, 1, 1), (B, max(1, B // 4), 1), (B, B, 1), (2 * B, 1, 1), (B, max(1, B // 4), 2)]
+    print(f"\n{'one RL step (fresh process each)':40}{'seconds':>9}{'peak memory':>14}")
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        for batch, micro in sorted(set(steps), key=steps.index):
-            seconds, peak = pool.apply(rl_step_cost, (args, micro, batch))
-            print(f"{f'batch {batch}, micro-batch {micro}':32}{seconds:9.2f}{peak / 2**20:11.0f} MiB", flush=True)
+        for batch, micro, minis in sorted(set(steps), key=steps.index):
+            seconds, peak = pool.apply(rl_step_cost, (args, micro, batch, minis))
+            name = f"batch {batch}, micro-batch {micro}" + (f", {minis} mini-batches" if minis > 1 else "")
+            print(f"{name:40}{seconds:9.2f}{peak / 2**20:11.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ that its warm-start taught it and the weak model never saw; here a toy world (te
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -334,34 +335,81 @@ def chosen_logprobs(head, hidden, tokens, temperature, vocab_size, set_aside, un
         chosen = torch.where(set_aside, began.logsumexp(-1), chosen)
     return chosen - logits.logsumexp(-1)
 
+def chunk_logprobs(model, prompt, rollout, rows, temperature, vocab_size):  # completion_logprobs of some rows
+    set_aside = None if rollout.set_aside is None else rollout.set_aside[rows]
+    return completion_logprobs(model, (prompt[0][rows], prompt[1][rows]), rollout.tokens[rows], rollout.mask[rows],
+                               temperature, vocab_size, set_aside=set_aside, units=rollout.units)
+
 def policy_gradient(model, prompt, rollout, advantages, temperature, micro_batch_size, vocab_size=None,
-                    amp=nullcontext(), weak_token_weight=0.0):
+                    amp=nullcontext(), weak_token_weight=0.0, rows=None, old_logp=None, ref_logp=None, args=None):
     """Add the REINFORCE gradient to model's .grad; return the loss: -sum(advantage * log p(token)) over the strong
     model's own tokens (eos included) over their number in the whole batch, on every process, so that micro-batches add
     up to one batch's gradient. Weak tokens are context, not actions, unless `weak_token_weight` w counts each w times
-    a strong one (the follow-up's code's junior_token_loss_weight, 0 in its runs; not its paper's KL term)."""
+    a strong one (the follow-up's code's junior_token_loss_weight, 0 in its runs; not its paper's KL term). The
+    follow-up's GRPO (below) takes `rows`, a mini-batch, the log-probs of the policy that sampled (`old_logp`, for the
+    clipped ratio) and of the frozen reference (`ref_logp`, for the k3 penalty), and `args`, their flags."""
+    rows = torch.arange(len(advantages), device=advantages.device) if rows is None else rows
     own = rollout.mask & ~rollout.from_weak  # the strong model's actions: its tokens, the units it began (set aside)
     own = own if rollout.set_aside is None else own | rollout.set_aside
     weight = own + weak_token_weight * (rollout.mask & ~own)
-    total_weight = max(all_sum({"weight": weight.sum().item()})["weight"], 1e-6)
-    # Rows with zero advantage or nothing to learn from add nothing: skip their forward pass.
-    rows, total = ((advantages != 0) & (weight > 0).any(1)).nonzero().squeeze(1), 0.0
+    if args is not None and args.loss_agg == "seq-mean-token-mean":  # each rollout's tokens weigh 1 in all
+        weight = weight / weight.sum(1, keepdim=True).clamp(min=1e-6)
+    total_weight = max(all_sum({"weight": weight[rows].sum().item()})["weight"], 1e-6)
+    if old_logp is None and ref_logp is None:  # rows with zero advantage or no token to learn add nothing: skip them
+        rows = rows[(advantages[rows] != 0) & (weight[rows] > 0).any(1)]
+    total = 0.0
     for chunk in (rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)):
         with amp:
-            logp = completion_logprobs(model, (prompt[0][chunk], prompt[1][chunk]), rollout.tokens[chunk],
-                                       rollout.mask[chunk], temperature, vocab_size, units=rollout.units,
-                                       set_aside=None if rollout.set_aside is None else rollout.set_aside[chunk])
-        loss = -(advantages[chunk, None] * logp * weight[chunk]).sum() / total_weight
+            logp = chunk_logprobs(model, prompt, rollout, chunk, temperature, vocab_size)
+        objective = advantages[chunk, None] * logp  # REINFORCE: its gradient is advantage x grad log p
+        if old_logp is not None:
+            objective = clipped_objective(logp - old_logp[chunk], advantages[chunk, None], args)
+        if ref_logp is not None:
+            objective = objective - args.kl_coef * k3(logp, ref_logp[chunk])
+        loss = -(objective * weight[chunk]).sum() / total_weight
         loss.backward()
         total += loss.item()
     return total
 
-def rl_step(strong, weak, tokenizers, optimizer, problems, args, amp=nullcontext(), rule=None, weak_prefix=None):
-    """Tandem rollouts of `problems` (under torchrun, this process's share of the batch) and one REINFORCE
-    update of `strong`; returns the whole batch's metrics. `rule`: when authors are drawn, from draw_rule."""
-    k = args.samples_per_prompt
+# Beyond REINFORCE, the follow-up's GRPO (CSSLab/Tandem-RLVR train/tandem_grpo.sh, verl's defaults): advantages over the
+# group's standard deviation, several optimizer steps per batch of rollouts through PPO's clipped ratio, and a k3 KL
+# penalty toward a frozen reference. With their defaults (one step, no KL) rl_step is REINFORCE.
+
+def advantages_of(rewards, args):  # rewards: prompts x samples; --scale-rewards group: GRPO's (verl: unbiased, + 1e-6)
+    advantages = rewards - baseline(rewards, args.baseline)
+    return advantages / (rewards.std(1, keepdim=True) + 1e-6) if args.scale_rewards == "group" else advantages
+
+def clipped_objective(log_ratio, advantages, args):
+    """PPO's clipped surrogate, min(ratio x A, clip(ratio, 1 - low, 1 + high) x A), with verl's dual clip: where A < 0
+    it is at least clip_ratio_c x A. ratio = pi / pi_old; exactly 1 at a batch's first step, where it is REINFORCE's."""
+    ratio = log_ratio.clamp(-20, 20).exp()  # verl's clamp
+    high = args.clip_ratio if args.clip_ratio_high is None else args.clip_ratio_high
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - args.clip_ratio, 1 + high) * advantages)
+    return torch.where(advantages < 0, torch.max(surrogate, args.clip_ratio_c * advantages), surrogate)
+
+def k3(logp, reference):  # verl's low_var_kl: exp(r) - r - 1 for r = log pi_ref - log pi, clamped as verl does
+    r = (reference - logp).clamp(-20, 20)
+    return (r.exp() - r - 1).clamp(-10, 10)
+
+@torch.no_grad()
+def logprobs_of(model, prompt, rollout, minis, temperature, micro_batch_size, vocab_size, amp):
+    """log p of every token under `model`, in the micro-batches policy_gradient takes them (so that at a batch's first
+    step the ratio is exactly 1)."""
+    logp = torch.zeros(rollout.tokens.shape, device=rollout.tokens.device)
+    for rows in minis:
+        for chunk in (rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)):
+            with amp:
+                logp[chunk] = chunk_logprobs(model, prompt, rollout, chunk, temperature, vocab_size)
+    return logp
+
+def rl_step(strong, weak, tokenizers, optimizer, problems, args, amp=nullcontext(), rule=None, weak_prefix=None,
+            reference=None):
+    """Tandem rollouts of `problems` (under torchrun, this process's share of the batch), sampled once, then an
+    optimizer step per mini-batch and epoch (one: REINFORCE, the paper's); returns the whole batch's metrics. `rule`:
+    when authors are drawn, from draw_rule; `reference`: the frozen model of the KL penalty (--kl-coef)."""
+    k, device = args.samples_per_prompt, next(strong.parameters()).device
     repeated = [p for p in problems for _ in range(k)]  # side by side, so that view(-1, k) below is a prompt's samples
-    prompts = encode_prompts(tokenizers, repeated, next(strong.parameters()).device, weak_prefix)
+    prompts = encode_prompts(tokenizers, repeated, device, weak_prefix)
     tokenizer = tokenizers["strong"]
     with amp:
         rollout = tandem_generate(strong, weak, prompts, args.handoff_prob, args.max_new_tokens, args.temperature,
@@ -369,15 +417,26 @@ def rl_step(strong, weak, tokenizers, optimizer, problems, args, amp=nullcontext
                                   tokenizers=tokenizers, **(rule or {}))
     texts = completion_texts(tokenizer, rollout)
     rewards = torch.tensor([reward(t, p) for t, p in zip(texts, repeated)]).view(-1, k)
-    advantages = (rewards - baseline(rewards, args.baseline)).view(-1).to(rollout.tokens.device)
-    loss = policy_gradient(strong, prompts["strong"], rollout, advantages, args.temperature, args.micro_batch_size,
-                           len(tokenizer), amp, args.weak_token_weight)
-    sum_gradients(strong)  # under torchrun, add up the processes' gradients
-    grad_norm = torch.nn.utils.clip_grad_norm_(strong.parameters(), args.grad_clip).item()
-    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))  # NaN would poison weights and AdamW for good
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    advantages = advantages_of(rewards, args).view(-1).to(device)
+    # The mini-batches: whole prompts, in order (verl's, without shuffling), each epoch
+    minis = torch.arange(len(repeated), device=device).chunk(args.batch_size // args.mini_batch_size)
+    def logprobs(model):  # before the first step, in the micro-batches of the loss
+        return logprobs_of(model, prompts["strong"], rollout, minis, args.temperature, args.micro_batch_size,
+                           len(tokenizer), amp)
+    old_logp = logprobs(strong) if len(minis) * args.ppo_epochs > 1 else None  # pi_old: the policy that sampled
+    ref_logp = logprobs(reference) if reference is not None else None
+    loss, skipped = 0.0, False
+    for rows in minis * args.ppo_epochs:
+        step_loss = policy_gradient(strong, prompts["strong"], rollout, advantages, args.temperature,
+                                    args.micro_batch_size, len(tokenizer), amp, args.weak_token_weight, rows, old_logp,
+                                    ref_logp, args)
+        sum_gradients(strong)  # under torchrun, add up the processes' gradients
+        grad_norm = torch.nn.utils.clip_grad_norm_(strong.parameters(), args.grad_clip).item()
+        finite = math.isfinite(step_loss) and math.isfinite(grad_norm)  # NaN would poison weights and AdamW for good
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss, skipped = loss + step_loss, skipped or not finite
     switches = ((rollout.from_weak[:, 1:] != rollout.from_weak[:, :-1]) & rollout.mask[:, 1:]).sum().item()
     # The weak model's share of the text, in characters: the same whatever the two tokenizers
     weak_chars = sum(len(tokenizer.decode(row[keep & weak], skip_special_tokens=True))
@@ -500,6 +559,23 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=number(float, 0), default=1e-5, help="AdamW learning rate of the RL updates")
     g.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip each update's gradient norm to this")
     g.add_argument("--micro-batch-size", type=number(int, 1), default=16, help="rollouts per forward/backward (memory)")
+    g = p.add_argument_group("beyond REINFORCE: the follow-up's GRPO (its defaults are REINFORCE)")
+    g.add_argument("--scale-rewards", default="none", choices=["none", "group"],
+                   help="group: advantages over the group's std, as GRPO (verl's norm_adv_by_std_in_grpo; TRL's name)")
+    g.add_argument("--mini-batch-size", type=number(int, 1), default=None,
+                   help="prompts per optimizer step (verl's ppo_mini_batch_size; default: --batch-size, one step)")
+    g.add_argument("--ppo-epochs", type=number(int, 1), default=1,
+                   help="optimizer passes over each batch of rollouts (verl's ppo_epochs; TRL's num_iterations)")
+    g.add_argument("--clip-ratio", type=number(float, 0), default=0.2,
+                   help="PPO's clip, low side, with several steps a batch (verl's clip_ratio; TRL's epsilon)")
+    g.add_argument("--clip-ratio-high", type=number(float, 0), default=None,
+                   help="its high side (verl's clip_ratio_high; TRL's epsilon_high; default: --clip-ratio)")
+    g.add_argument("--clip-ratio-c", type=number(float, 1), default=3.0,
+                   help="dual clip: a negative advantage's loss at most this x its ratio (verl's clip_ratio_c)")
+    g.add_argument("--kl-coef", type=number(float, 0), default=0.0,
+                   help="k3 KL penalty toward the warm-start, a frozen copy (verl's kl_loss_coef; TRL: beta)")
+    g.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean"],
+                   help="a mini-batch's mean over its tokens, or over rollouts of each one's (verl's loss_agg_mode)")
     g = p.add_argument_group("warm-start")
     g.add_argument("--sft-steps", type=number(int, 0), default=1000,
                    help="warm-start steps, strong model (0: as given)")
@@ -529,6 +605,11 @@ def parse_args(argv=None):
         p.error("the leave-one-out baseline needs --samples-per-prompt 2 or more (or --baseline mean or none)")
     if args.resume and not args.out:
         p.error("--resume needs the --out folder of the run to go on with")
+    args.mini_batch_size = args.mini_batch_size or args.batch_size
+    if args.batch_size % args.mini_batch_size:
+        p.error(f"--batch-size {args.batch_size} does not split into mini-batches of {args.mini_batch_size}")
+    if args.scale_rewards == "group" and args.samples_per_prompt < 2:
+        p.error("--scale-rewards group needs --samples-per-prompt 2 or more (a group of one has no spread)")
     if args.temperature == 0:
         p.error("--temperature 0 samples greedily: rollouts need a temperature above 0 to have a policy gradient")
     return args
@@ -537,8 +618,9 @@ def main(argv=None):
     args = parse_args(argv)
     device, amp = pick_device(args.device, args.dtype)
     rank, world_size, device = init_distributed(device)
-    if args.batch_size % world_size:
-        raise UsageError(f"--batch-size {args.batch_size} does not split over {world_size} processes: a multiple does")
+    if args.batch_size % world_size or (args.batch_size // world_size) % (args.batch_size // args.mini_batch_size):
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {world_size} processes and its "
+                         "mini-batches: make it a multiple")
     torch.manual_seed(args.seed + rank)  # each process samples rollouts of its own
     train, test = load_gsm8k("train", args.data), load_gsm8k("test", args.data)[:args.eval_limit]
     weak_prefix = read_text(args.weak_prompt) if args.weak_prompt else None
@@ -564,6 +646,8 @@ def main(argv=None):
             save_model(model, tokenizers[role], sft_path[role], rank)
     weak.requires_grad_(False)
     rule = draw_rule(args.handoff_unit, args.max_gap, tokenizers, device)
+    # The KL penalty's reference, the warm-start: a frozen copy, one more strong model in memory
+    reference = copy.deepcopy(strong).requires_grad_(False) if args.kl_coef else None
 
     # RL, in eval mode: with dropout on, the gradient would be taken under another policy than the one that sampled.
     optimizer = torch.optim.AdamW(strong.parameters(), lr=args.lr, weight_decay=0.0)
@@ -582,7 +666,7 @@ def main(argv=None):
     for step in range(last_step + 1, args.steps + 1):
         t0 = time.time()
         batch = rng.sample(train, min(args.batch_size, len(train)))[rank::world_size]
-        metrics = rl_step(strong, weak, tokenizers, optimizer, batch, args, amp, rule, weak_prefix)
+        metrics = rl_step(strong, weak, tokenizers, optimizer, batch, args, amp, rule, weak_prefix, reference)
         log({"step": step, "kind": "train"} | metrics | {"seconds": time.time() - t0})
         keys = ["reward", "rollout_jargon_rate", "weak_frac", "switches", "loss"]
         shown = " | ".join(f"{k} {metrics[k]:.3f}" for k in keys)
