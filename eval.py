@@ -1,5 +1,5 @@
 """
-Did tandem training work? Accuracy, jargon rate, legibility and handoff robustness on GSM8K, with
+Did tandem training work? Accuracy, the task's marker (GSM8K: jargon), legibility and handoff robustness, with
 tandem.evaluate: the strong model alone (handoff 0), the weak one alone (handoff 1), the pair at
 --handoff-prob, the weak model's NLL of the strong model's solutions, and with --curve the accuracy
 at several handoff probabilities. --plot draws the paper's figure from run folders; --make-data writes the
@@ -12,6 +12,7 @@ word problems of the README's real-model experiment; --bench times the decoder, 
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -28,14 +29,18 @@ from tandem import number
 
 
 def parse_args(argv=None):
-    p = tandem.Parser(description="Evaluate a strong/weak pair on GSM8K: accuracy, jargon, legibility.",
+    p = tandem.Parser(description="Evaluate a strong/weak pair: accuracy, the task's marker, legibility.",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows every default
     p.add_argument("--strong",
                    help="strong model: hub name or local folder (e.g. runs/RUN/final); --bench: gpt2-medium")
-    p.add_argument("--weak", help="weak model: hub name or local folder (e.g. runs/RUN/sft/weak); --bench: gpt2")
+    p.add_argument("--weak", action="append", help="weak model: hub name or local folder (e.g. runs/RUN/sft/weak); "
+                   "more than once, each partner on its own (one held out of training is a new reader); --bench: gpt2")
     p.add_argument("--data", default="openai/gsm8k",
                    help="hub dataset, folder with train.jsonl and test.jsonl, or one .jsonl")
+    p.add_argument("--task", default="gsm8k", choices=list(tandem.TASKS), help="what is solved and checked")
     p.add_argument("--split", default="test", choices=["train", "test"], help="which split to evaluate on")
+    p.add_argument("--chat-template", default="none", choices=["none", "strong", "weak", "both"],
+                   help="which models read a problem in their own chat template")
     p.add_argument("--limit", type=number(int, 1), default=None, help="evaluate only the first N problems")
     tandem.handoff_flags(p)  # --handoff-prob (the pair's accuracy is at this one), --handoff-unit, --max-gap
     p.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads")
@@ -57,7 +62,7 @@ def parse_args(argv=None):
                    help="compute dtype (auto: bfloat16 on cuda)")
     p.add_argument("--trust-remote-code", action="store_true", help="let models run code from their folder or hub repo")
     p.add_argument("--plot", nargs="+", metavar="RUN",
-                   help="draw jargon and accuracy over RL updates from these run folders")
+                   help="draw the marker rate and accuracy over RL updates from these run folders")
     p.add_argument("--out", default="curves.png", help="--plot: the picture's file (.png, .pdf, .svg)")
     p.add_argument("--make-data", metavar="DIR",
                    help="write the word problems (see README) to DIR/train.jsonl and DIR/test.jsonl")
@@ -69,7 +74,7 @@ def parse_args(argv=None):
                    help="--bench: timed rounds of each decoding run (median)")
     args = p.parse_args(argv)
     if args.bench:
-        args.strong, args.weak = args.strong or "gpt2-medium", args.weak or "gpt2"
+        args.strong, args.weak = args.strong or "gpt2-medium", args.weak or ["gpt2"]
     elif not (args.strong and args.weak or args.plot or args.make_data):
         p.error("--strong and --weak are required (only --bench has defaults: gpt2-medium and gpt2)")
     if args.samples > 1 and args.temperature == 0:
@@ -115,17 +120,19 @@ def report(result, args):
         return f"{value:9.3f}  [{ci[0]:.3f}, {ci[1]:.3f}]"
 
     size = f"{result['n'] // args.samples} problems" + (f" x {args.samples} samples" if args.samples > 1 else "")
-    lines = [f"{args.data} ({args.split}): {size}, {sampling}, seed {args.seed}; [95% Wilson interval]",
-             f"{'':32}{'accuracy':>9}{'':18}{'jargon':>7}",
+    lines = [f"{args.data or args.task} ({args.split}): {size}, {sampling}, seed {args.seed}; [95% Wilson interval]",
+             f"{'':32}{'accuracy':>9}{'':18}{'marker':>7}",
              f"{'strong alone':32}{acc(result['strong_accuracy'], result['strong_accuracy_ci'])}"
-             f"{result['strong_jargon_rate']:9.3f}",
+             f"{result['strong_marker_rate']:9.3f}",
              f"{'weak alone':32}{acc(result['weak_accuracy'], result['weak_accuracy_ci'])}",
              f"{f'tandem (handoff {args.handoff_prob:g})':32}"
              f"{acc(result['tandem_accuracy'], result['tandem_accuracy_ci'])}"
-             f"{result['tandem_jargon_rate']:9.3f}",
-             f"{'strong alone, flexible extract':32}{acc(result['flexible_accuracy'], result['flexible_accuracy_ci'])}",
+             f"{result['tandem_marker_rate']:9.3f}",
              f"legibility: weak NLL of strong solutions {result['weak_nll']:.3f} nats/token, "
              f"{result['weak_nll_per_char']:.3f} nats/character (mean length {result['strong_tokens']:.1f} tokens)"]
+    if "flexible_accuracy" in result:
+        lines.insert(-1, f"{'strong alone, flexible extract':32}"
+                         f"{acc(result['flexible_accuracy'], result['flexible_accuracy_ci'])}")
     for c in result.get("curve", []):
         lines.append(f"{'handoff curve at %g' % c['handoff_prob']:32}{acc(c['accuracy'], c['ci'])}")
     for key in ["strong", "weak", "tandem"] if "strong_pass_at" in result else []:
@@ -156,56 +163,78 @@ def main(argv=None):
     if args.make_data:
         return make_data(args.make_data, args.seed)
     device, amp = tandem.pick_device(args.device, args.dtype)
-    problems = tandem.load_gsm8k(args.split, args.data)[:args.limit]
+    task = tandem.TASKS[args.task]
+    problems = tandem.load(task, args.split, args.data)[:args.limit]
     problems = [p for p in problems for _ in range(args.samples)]  # a problem's samples side by side
-    weak_prefix = tandem.read_text(args.weak_prompt) if args.weak_prompt else None
-    tokenizers, strong, weak = tandem.load_pair(args.strong, args.weak, device, args.trust_remote_code)
-    tandem.check_fits(strong, weak, tokenizers, problems, args.max_new_tokens, weak_prefix)
+    asking = tandem.Asking(task, {role: args.chat_template in (role, "both") for role in ("strong", "weak")},
+                           {"strong": "", "weak": tandem.read_text(args.weak_prompt) if args.weak_prompt else ""})
+    roles = {"strong": args.strong} | {f"weak-{i}": name for i, name in enumerate(args.weak)}
+    tokenizers, models = tandem.load_models(roles, device, args.trust_remote_code)
+    partners = []
+    for role in list(roles)[1:]:  # each partner: the strong model's tokenizer and its own
+        pair = {"strong": tokenizers["strong"], "weak": tokenizers[role]}
+        rule = tandem.draw_rule(args.handoff_unit, args.max_gap, pair, device)
+        partners.append(tandem.Partner(roles[role], models[role], pair, rule))
+    tandem.check_fits(models["strong"], partners, problems, args.max_new_tokens, asking)
+    results = {}
+    for partner in partners:
+        results[partner.name] = result = evaluate_with(models["strong"], partner, problems, task, asking, args, amp)
+    if len(partners) > 1:  # each partner on its own line, with the strong model's solutions read by it
+        print(f"\n{'weak partner':40}{'alone':>8}{'pair':>8}{'NLL/token':>11}{'NLL/char':>10}")
+        for name, r in results.items():
+            print(f"{name[-40:]:40}{r['weak_accuracy']:8.3f}{r['tandem_accuracy']:8.3f}{r['weak_nll']:11.3f}"
+                  f"{r['weak_nll_per_char']:10.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result if len(partners) == 1 else {"partners": results}, f, indent=2)
+
+
+def evaluate_with(strong, partner, problems, task, asking, args, amp):
+    """tandem.evaluate with one partner, every accuracy's 95% interval, pass@k, and its report and examples."""
     probs = ", ".join(f"{p:g}" for p in dict.fromkeys([0, args.handoff_prob, 1, *args.curve]))
-    print(f"decoding {len(problems)} problems at handoff {probs} ...", file=sys.stderr, flush=True)
+    print(f"decoding {len(problems)} problems at handoff {probs} with {partner.name} ...", file=sys.stderr, flush=True)
     t0, runs, n = time.time(), {}, len(problems)
-    result = tandem.evaluate(strong, weak, tokenizers, problems, args.handoff_prob, args.curve, args.max_new_tokens,
-                             args.temperature, args.batch_size, args.seed, amp, runs,
-                             tandem.draw_rule(args.handoff_unit, args.max_gap, tokenizers, device), weak_prefix)
-    flexible = [flexible_answer(t) == tandem.extract_answer(p["answer"]) for t, p in zip(runs[0.0][0], problems)]
-    result["flexible_accuracy"] = sum(flexible) / n
-    for key in ["strong", "weak", "tandem", "flexible"]:  # every accuracy with its 95% interval
+    result = tandem.evaluate(strong, partner.model, partner.tokenizers, problems, args.handoff_prob, args.curve,
+                             args.max_new_tokens, args.temperature, args.batch_size, args.seed, amp, runs,
+                             partner.rule, asking)
+    if task.correct is tandem.GSM8K.correct:  # its "#### N" and the flexible extract
+        flexible = [flexible_answer(t) == tandem.extract_answer(p["answer"]) for t, p in zip(runs[0.0][0], problems)]
+        result["flexible_accuracy"] = sum(flexible) / n
+    for key in [k for k in ["strong", "weak", "tandem", "flexible"] if f"{k}_accuracy" in result]:  # 95% intervals
         result[f"{key}_accuracy_ci"] = wilson(round(result[f"{key}_accuracy"] * n), n)
     for c in result.get("curve", []):
         c["ci"] = wilson(round(c["accuracy"] * n), n)
     for key, p in [("strong", 0.0), ("weak", 1.0), ("tandem", args.handoff_prob)] if args.samples > 1 else []:
-        right = [tandem.correct(t, q["answer"]) for t, q in zip(runs[p][0], problems)]
+        right = [task.correct(t, q) for t, q in zip(runs[p][0], problems)]
         counts = [sum(right[i:i + args.samples]) for i in range(0, n, args.samples)]
         result[f"{key}_pass_at"] = {k: sum(pass_at_k(args.samples, c, k) for c in counts) / len(counts)
                                     for k in args.pass_at}
-    print(report(result, args))
-    print(f"({time.time() - t0:.1f}s)")
+    print(f"weak partner: {partner.name}\n{report(result, args)}\n({time.time() - t0:.1f}s)")
     for i in range(min(args.examples, len(problems))):
-        print(f"\n--- problem {i}: {problems[i]['question']}\n--- gold: {tandem.extract_answer(problems[i]['answer'])}")
+        print(f"\n--- problem {i}: {task.prompt(problems[i])}\n--- gold: {problems[i]['answer']}")
         for name, p in [("strong alone", 0.0), ("tandem, weak tokens in {}", args.handoff_prob)]:
             b, r = divmod(i, args.batch_size)
             rollout = runs[p][1][b][1]
-            text = marked(tokenizers["strong"], rollout.tokens[r], rollout.from_weak[r], rollout.mask[r])
-            print(f"[{name}]\n{text.strip()}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+            tokenizer = partner.tokenizers["strong"]
+            print(f"[{name}]\n{marked(tokenizer, rollout.tokens[r], rollout.from_weak[r], rollout.mask[r]).strip()}")
+    return result
 
 
 # -----------------------------------------------------------------------------
-# The paper's picture: jargon and accuracy over RL updates, one colour per run, 95% intervals as bands
+# The paper's picture: the marker (jargon) and accuracy over RL updates, one colour per run, 95% intervals as bands
 #
 #     python eval.py --plot runs/tandem runs/plain --out curves.png
 
 
 def eval_rows(run):
-    """The evaluation rows of a run folder's metrics.jsonl, in step order."""
+    """The evaluation rows of a run folder's metrics.jsonl, in step order (with a pool, its first partner's)."""
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.isfile(path):
         raise tandem.UsageError(f"--plot {run}: no metrics.jsonl there (tandem.py's --out folders have one)")
     with tandem.user_input(f"--plot {path}"), open(path) as f:
         rows = [json.loads(line) for line in f if line.endswith("\n")]
-    rows = sorted((r for r in rows if r.get("kind") == "eval"), key=lambda r: r["step"])
+    rows = sorted((r for r in rows if r.get("kind") == "eval" and r.get("partner", "weak") == "weak"),
+                  key=lambda r: r["step"])
     if not rows:
         raise tandem.UsageError(f"--plot {run}: {path} has no evaluation rows (train with --eval-every above 0)")
     return rows
@@ -213,13 +242,9 @@ def eval_rows(run):
 
 def plot(runs, out):
     rows = {run: eval_rows(run) for run in runs}  # bad input first, with or without matplotlib
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # a file, no window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise tandem.UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    panels = [("strong_jargon_rate", "jargon rate (strong alone)"), ("strong_accuracy", "accuracy, strong alone"),
+    tandem.optional("matplotlib", "--plot", "matplotlib").use("Agg")  # a file, no window
+    import matplotlib.pyplot as plt
+    panels = [("strong_marker_rate", "marker rate, strong alone"), ("strong_accuracy", "accuracy, strong alone"),
               ("tandem_accuracy", "accuracy, pair")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), constrained_layout=True)
     for (key, title), ax in zip(panels, axes):
@@ -229,7 +254,7 @@ def plot(runs, out):
             ax.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0)
             ax.plot(steps, [row[key] for row in r], color=colour, marker="o", markersize=3,
                     label=os.path.basename(os.path.normpath(run)))
-            if key != "strong_jargon_rate":  # the weak model is frozen: its accuracy alone, for comparison
+            if key != "strong_marker_rate":  # the weak model is frozen: its accuracy alone, for comparison
                 ax.axhline(r[0]["weak_accuracy"], color=colour, linestyle=":", linewidth=1)
         ax.set(title=title, xlabel="RL updates", ylim=(-0.02, 1.02))
     axes[0].legend()
@@ -381,19 +406,20 @@ def bench_decoding(strong, weak, prompts, new_tokens, temperature, repeats, amp)
 
 
 def bench_across(strong, weak, batch_size, new_tokens, repeats, amp):
-    """Median seconds of rollouts at handoff 0.5 on word problems, by the pair sharing a byte-level tokenizer and by the
-    same pair with two: that one (strong) and a SentencePiece-style one (weak), trained here on the word problems to
-    about 550 tokens each, of about 2 characters on average (so random weights write text of one density in both)."""
+    """Median seconds of a batch's rollouts at handoff 0.5 on word problems, word handoffs: by the pair sharing a
+    byte-level tokenizer, by the same pair with two (that one, strong, and a SentencePiece-style one, weak, trained here
+    on the word problems to about 550 tokens each, of about 2 characters on average: random weights write text of one
+    density in both), and by a pool of three partners of one tokenizer (the same weights thrice: the same cost)."""
     problems = islice(word_problems(random.Random(0)), 2000)
-    corpus = [tandem.format_prompt(p["question"]) + " " + p["answer"] for p in problems]
+    corpus = [tandem.GSM8K.prompt(p) + " " + p["answer"] for p in problems]
     tokenizers = {"strong": train_tokenizer(corpus, 4000), "weak": train_tokenizer(corpus, 300, sentencepiece=True)}
     problems, device, runs = list(islice(word_problems(random.Random(1)), batch_size)), strong.device, {}
     one = {"strong": tokenizers["strong"], "weak": tokenizers["strong"]}
-    for name, pair in [("one tokenizer", one), ("two tokenizers", tokenizers)]:
-        prompts = tandem.encode_prompts(pair, problems, device)
-        runs[f"tandem, handoff 0.5, {name[:3]}"] = lambda pair=pair, prompts=prompts: tandem.tandem_generate(
-            strong, weak, prompts, 0.5, new_tokens, BENCH_TEMPERATURE, pair["strong"].eos_token_id, len(pair["strong"]),
-            tokenizers=pair)
+    args = tandem.parse_args(["--max-new-tokens", str(new_tokens), "--temperature", str(BENCH_TEMPERATURE)])
+    for name, pair, size in [("one tokenizer", one, 1), ("two tokenizers", tokenizers, 1), ("a pool of 3", one, 3)]:
+        rule = tandem.draw_rule("word", 32, pair, device)
+        partners = [tandem.Partner(f"weak-{i}", weak, pair, rule) for i in range(size)]
+        runs[f"handoff 0.5, {name}"] = lambda partners=partners: tandem.pool_generate(strong, partners, problems, args)
     return interleaved(runs, repeats, device, amp)
 
 
@@ -462,18 +488,22 @@ def peak_memory(device):
 def bench_setup(args):
     """The device, the autocast context and the two models, as training would use them."""
     device, amp = tandem.pick_device(args.device, args.dtype)
-    return device, amp, bench_model(args.strong, device, args), bench_model(args.weak, device, args)
+    return device, amp, bench_model(args.strong, device, args), bench_model(args.weak[0], device, args)
 
 
-def rl_step_cost(args, micro_batch_size, batch_size, minis=1):
+def rl_step_cost(args, micro_batch_size, batch_size, minis=1, lora=0):
     """Seconds and peak memory (above what was in use before) of one RL step: tandem rollouts at
     --handoff-prob, the gradient pass in micro-batches, the optimizer step; with `minis` mini-batches, as the
-    follow-up's GRPO, pi_old's log-probs first, then a step per mini-batch. Every row gets a nonzero
-    advantage, so every row goes through the gradient pass. Run it in a fresh process."""
+    follow-up's GRPO, pi_old's log-probs first, then a step per mini-batch; with `lora`, adapters of that rank on all
+    linear layers train, the rest is frozen. Every row gets a nonzero advantage, so every row goes through the
+    gradient pass. Run it in a fresh process."""
     device, amp, strong, weak = bench_setup(args)
     weak.requires_grad_(False)
-    optimizer = torch.optim.AdamW(strong.parameters(), lr=1e-6, weight_decay=0.0)
-    for p in strong.parameters():  # allocate AdamW's state now, so the peak below is the step's own
+    if lora:
+        tandem.with_adapters(strong, tandem.parse_args(["--lora-rank", str(lora)]))
+    trained = [p for p in strong.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-6, weight_decay=0.0)
+    for p in trained:  # allocate AdamW's state now, so the peak below is the step's own
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -508,7 +538,7 @@ def bench(args):
     prompts = random_prompts(B, args.prompt_tokens, strong.config.vocab_size, device)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"benchmark on {device} ({where}), "
-          f"strong {args.strong}, weak {args.weak}{' (random init)' if args.random_init else ''}: batch {B}, "
+          f"strong {args.strong}, weak {args.weak[0]}{' (random init)' if args.random_init else ''}: batch {B}, "
           "prompts of "
           f"{prompts['strong'][0].shape[1]} tokens or fewer, {n} new tokens, temperature {BENCH_TEMPERATURE:g}, "
           f"{'float32' if isinstance(amp, tandem.nullcontext) else 'bfloat16 autocast'}, median of {args.repeats}",
@@ -520,9 +550,9 @@ def bench(args):
         ratios = "".join(f"{seconds / base:8.3f}" for base in (strong_s, weak_s, strong_s + weak_s))
         print(f"{name:32}{seconds:9.2f}{B * n / seconds:10.1f}   {ratios if name.startswith('tandem') else ''}")
     t = bench_across(strong, weak, B, n, args.repeats, amp)
-    print(f"\n{'word problems, tokenizers':32}{'seconds':>9}   ratio to one tokenizer")
+    print(f"\n{'word problems, word handoffs':32}{'seconds':>9}   ratio to one tokenizer")
     for name, seconds in t.items():
-        print(f"{name:32}{seconds:9.2f}{seconds / t['tandem, handoff 0.5, one']:8.3f}", flush=True)
+        print(f"{name:32}{seconds:9.2f}{seconds / t['handoff 0.5, one tokenizer']:8.3f}", flush=True)
     print(f"\n{'one forward pass, median':32}{'prefill':>9}{'1 token':>10}{'4 tokens':>10}{'4 / 1':>8}"
           "   prefill / generate")
     for name, model, base in [("strong", strong, strong_s), ("weak", weak, weak_s)]:
@@ -531,13 +561,17 @@ def bench(args):
               f"   {r['prefill'] / base:8.3f}")
     del strong, weak  # the RL steps below run in fresh processes
 
-    # Peak memory must grow with the micro-batch, not with the batch. Two mini-batches: the follow-up's GRPO steps.
-    steps = [(B, 1, 1), (B, max(1, B // 4), 1), (B, B, 1), (2 * B, 1, 1), (B, max(1, B // 4), 2)]
+    # Peak memory must grow with the micro-batch, not with the batch. Two mini-batches: the follow-up's GRPO steps;
+    # LoRA of rank 16 (peft), the paper's.
+    quarter = max(1, B // 4)
+    steps = [(B, 1, 1, 0), (B, quarter, 1, 0), (B, B, 1, 0), (2 * B, 1, 1, 0), (B, quarter, 2, 0)]
+    steps += [(B, quarter, 1, 16)] if importlib.util.find_spec("peft") else []
     print(f"\n{'one RL step (fresh process each)':40}{'seconds':>9}{'peak memory':>14}")
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        for batch, micro, minis in sorted(set(steps), key=steps.index):
-            seconds, peak = pool.apply(rl_step_cost, (args, micro, batch, minis))
+        for batch, micro, minis, lora in sorted(set(steps), key=steps.index):
+            seconds, peak = pool.apply(rl_step_cost, (args, micro, batch, minis, lora))
             name = f"batch {batch}, micro-batch {micro}" + (f", {minis} mini-batches" if minis > 1 else "")
+            name += f", LoRA rank {lora}" if lora else ""
             print(f"{name:40}{seconds:9.2f}{peak / 2**20:11.0f} MiB", flush=True)
 
 

@@ -2,8 +2,7 @@
 Tandem training (West, Anderson, Kamar, Horvitz, "Tandem Training for Language Models", arXiv 2510.13551)
 on GSM8K: RL of a strong model while a frozen weak model randomly takes over its sampling.
 
-- handoff: each token of a rollout is sampled by the weak model with probability `handoff_prob` (0.5),
-  else by the strong one, and both go on from the same text (`tandem_generate`);
+- handoff: a token is the weak model's with probability `handoff_prob` (0.5), else the strong one's (`tandem_generate`);
 - reward: 1 when the solution's `#### N` is the right answer, else 0 (`reward`);
 - baseline: a rollout's reward is compared with the mean of its prompt's other rollouts (`baseline`);
 - loss: REINFORCE, -advantage * log p of the tokens the strong model sampled itself (`policy_gradient`).
@@ -20,6 +19,8 @@ that its warm-start taught it and the weak model never saw; here a toy world (te
 
 import argparse
 import copy
+import functools
+import importlib.util  # and importlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -37,30 +38,30 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
 # -----------------------------------------------------------------------------
-# Data and reward: GSM8K problems, the number after "####", the calculator jargon <<...>>
+# Task and reward: where a task's problems come from, how one is put to a model, what the warm-start imitates, which
+# solutions are right, and the marker whose rate evaluation reports (GSM8K: the calculator jargon <<48/2=24>>)
 
-def load_gsm8k(split, data="openai/gsm8k"):
-    """GSM8K's {"question", "answer"} records from the hub, a folder of <split>.jsonl files, or one .jsonl file."""
-    path = os.path.join(data, f"{split}.jsonl") if os.path.isdir(data) else data
-    if os.path.exists(path) or path.endswith(".jsonl"):
-        return read_jsonl(path)
+class Task(NamedTuple):  # a forker's task is one more entry in TASKS
+    hub: dict  # split -> (dataset, config, split) on the hub; --data DIR (<split>.jsonl) or FILE.jsonl: the same
+    fields: tuple  # the string fields each record must have (it keeps all it has)
+    prompt: Callable  # problem -> its text for a model (--chat-template puts it in the model's own template)
+    target: Callable  # (problem, marked) -> the warm-start's solution, with the marker or without
+    correct: Callable  # (completion, problem) -> bool: every accuracy, and RL's reward unless `reward` is given
+    marker: Callable  # text -> bool
+    reward: Callable = None  # (completion, problem) -> float
+
+def load(task, split, data=None):
+    """`task`'s records of `split`, every field kept: from the hub, a folder of <split>.jsonl files, or one .jsonl."""
+    path = os.path.join(data, f"{split}.jsonl") if data and os.path.isdir(data) else data
+    if path and (os.path.exists(path) or path.endswith(".jsonl")):
+        return read_jsonl(path, task.fields)
     import datasets
-    with user_input(f"--data {data} (offline, give it a folder with train.jsonl and test.jsonl)", Exception):
-        rows = datasets.load_dataset(data, "main", split=split)
-    return [{"question": r["question"], "answer": r["answer"]} for r in rows]
+    name, config, hub_split = task.hub[split] if data is None else (data, None, split)
+    with user_input(f"--data {data or name} (offline: give it a folder with train.jsonl and test.jsonl)", Exception):
+        return [dict(row) for row in datasets.load_dataset(name, config, split=hub_split)]
 
-def format_prompt(question):
-    return f"Question: {question}\nAnswer:"
-
-def encode_prompts(tokenizers, problems, device, weak_prefix=None):
-    """{"strong": (ids, mask), "weak": (ids, mask)}: left-padded prompts in each model's tokens, the weak one's after
-    `weak_prefix`."""
-    def encode(tokenizer, prefix):
-        enc = tokenizer([prefix + format_prompt(p["question"]) for p in problems], return_tensors="pt", padding=True)
-        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    strong, shared = encode(tokenizers["strong"], ""), tokenizers["weak"] is tokenizers["strong"]
-    weak = strong if shared and not weak_prefix else encode(tokenizers["weak"], weak_prefix or "")
-    return {"strong": strong, "weak": weak}
+def reward(completion, problem, task):  # RL's reward: 1.0 for a correct solution, unless the task says otherwise
+    return task.reward(completion, problem) if task.reward else float(task.correct(completion, problem))
 
 ANSWER = re.compile(r"\s*(-?)\s*\$?\s*(-?)([\d,]*\.?\d+)\.?\s*")  # the answer ends the solution
 JARGON = re.compile(r"<<[^<>]*>>")
@@ -78,19 +79,77 @@ def extract_answer(text):
     return normalize_number(match[1] or match[2], match[3]) if match else None
 
 def correct(completion, gold):
-    """Is the completion's '#### N' the gold answer (a whole GSM8K answer or a bare number)? Every accuracy is this."""
+    """Is the completion's '#### N' the gold answer (a whole GSM8K answer or a bare number)?"""
     answer = extract_answer(completion)
     return answer is not None and answer == extract_answer(gold if "####" in gold else "####" + gold)
-
-def reward(completion, problem):
-    """RL's reward for a completion of `problem`: 1.0 when it is correct. Another verifier goes here."""
-    return float(correct(completion, problem["answer"]))
 
 def has_jargon(text):
     return JARGON.search(text) is not None
 
 def strip_jargon(text):
     return JARGON.sub("", text)
+
+def last_boxed(text):  # what the last \boxed{...} holds, its braces matched, or None
+    start, depth = text.rfind("\\boxed{"), 0
+    for end in range(start + len("\\boxed"), len(text)) if start >= 0 else []:  # from its "{"
+        depth += {"{": 1, "}": -1}.get(text[end], 0)
+        if depth == 0:
+            return text[start + len("\\boxed{"):end]
+    return None
+
+def boxed_correct(completion, problem):
+    """The follow-up's rule (its reward/math_boxed_reward.py): the answer is the last \\boxed{}, none is wrong; its
+    equivalence to the gold `answer` is math-verify's (the follow-up's grader tries its own normalisations first)."""
+    math_verify = optional("math_verify", "--task math", "math-verify")
+    answer = last_boxed(completion)
+    return answer is not None and math_verify.verify(math_verify.parse(f"${problem['answer']}$"),
+                                                     math_verify.parse(f"${answer}$"))
+
+@functools.cache
+def language_of(code):  # py3langid's identifier, told "en" or `code`: made for short texts, bundled, offline
+    langid = optional("py3langid.langid", f"--task gsm8k-{code}", "py3langid")
+    identifier = langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True)
+    identifier.set_languages(["en", code])
+    return identifier
+
+GSM8K = Task({"train": ("openai/gsm8k", "main", "train"), "test": ("openai/gsm8k", "main", "test")},
+             ("question", "answer"), lambda p: f"Question: {p['question']}\nAnswer:",
+             lambda p, marked: " " + (p["answer"] if marked else strip_jargon(p["answer"])),
+             lambda completion, p: correct(completion, p["answer"]), has_jargon)
+TASKS = {"gsm8k": GSM8K,
+         # The follow-up's domain and prompt (data/build_deepscaler.py: the problem, then its instruction)
+         "math": Task({"train": ("agentica-org/DeepScaleR-Preview-Dataset", None, "train"),
+                       "test": ("HuggingFaceH4/MATH-500", None, "test")}, ("problem", "solution", "answer"),
+                      lambda p: p["problem"] + " Solve the following math problem step by step. Put your final answer "
+                      "inside \\boxed{}, like \\boxed{42} or \\boxed{\\frac{1}{2}}.",
+                      lambda p, marked: p["solution"], boxed_correct, lambda text: last_boxed(text) is not None),
+         # The paper's second experiment: GSM8K's format without the jargon, the marker a solution in Spanish (the
+         # language the weak model is asked to write in, by --weak-prompt; the warm-start has none of it)
+         "gsm8k-es": GSM8K._replace(target=lambda p, marked: " " + strip_jargon(p["answer"]),
+                                    marker=lambda text: language_of("es").classify(text)[0] == "es")}
+
+class Asking(NamedTuple):  # how each model is asked (dicts by model): the task, its chat template or not, a prefix
+    task: Task = GSM8K
+    chat: dict = {"strong": False, "weak": False}
+    prefix: dict = {"strong": "", "weak": ""}
+
+def prompt_text(task, problem, tokenizer, chat, prefix=""):  # what a model reads first: in its chat template, if asked
+    text = prefix + task.prompt(problem)
+    if not chat:
+        return text
+    turn = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+
+def encode_prompts(tokenizers, problems, device, asking=Asking()):
+    """{"strong": (ids, mask), "weak": (ids, mask)}: left-padded prompts in each model's tokens, as `asking` says."""
+    def encode(role):
+        chat, prefix = asking.chat[role], asking.prefix[role]
+        texts = [prompt_text(asking.task, p, tokenizers[role], chat, prefix) for p in problems]
+        enc = tokenizers[role](texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    strong = encode("strong")
+    same = tokenizers["weak"] is tokenizers["strong"] and asking.chat["weak"] == asking.chat["strong"]
+    return {"strong": strong, "weak": strong if same and not asking.prefix["weak"] else encode("weak")}
 
 # -----------------------------------------------------------------------------
 # The tandem decoder: two models, two KV caches, one text. A causal LM is a body that makes hidden states (base_model)
@@ -116,11 +175,10 @@ def sample(logits, temperature):  # temperature 0: greedy
 @torch.no_grad()
 def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, temperature, eos_token_id, vocab_size=None,
                     max_gap=1, boundaries=None, shared_coins=False, tokenizers=None, weak_boundaries=None):
-    """Continue left-padded prompts (from encode_prompts), each token by one author, from its whole distribution. The
-    first author is drawn at the start (the weak model with probability `handoff_prob`), and again right after a token
-    that `boundaries` marks (a bool per vocabulary entry, from draw_rule) or `max_gap` tokens after the last draw (the
-    default, 1: every token, the paper's rule). `shared_coins`: one draw for all rows, so by token one model runs.
-    `tokenizers` that differ: the models share text (tandem_generate_across; `weak_boundaries`: the weak model's)."""
+    """Continue left-padded prompts (encode_prompts), each token by one author from its whole distribution, drawn at the
+    start (the weak model with probability `handoff_prob`), then right after a token that `boundaries` marks (a bool per
+    vocabulary entry; `weak_boundaries` the weak model's: draw_rule) or `max_gap` tokens after the last draw (default 1:
+    every token, the paper's rule). `shared_coins`: one draw for all rows. Two `tokenizers`: tandem_generate_across."""
     if tokenizers and tokenizers["weak"] is not tokenizers["strong"]:
         return tandem_generate_across(strong, weak, prompts, handoff_prob, max_new_tokens, temperature, tokenizers,
                                       max_gap, {"strong": boundaries, "weak": weak_boundaries}, shared_coins)
@@ -193,22 +251,19 @@ OTHER = {"strong": "weak", "weak": "strong"}
 @torch.no_grad()
 def tandem_generate_across(strong, weak, prompts, handoff_prob, max_new_tokens, temperature, tokenizers, max_gap,
                            boundaries, shared_coins):
-    """tandem_generate for two tokenizers: the models share text. Each keeps its own token stream and cache and, about
-    to write, reads the text written since it last wrote, in its own tokens (a Row holds all of a rollout's state);
-    the strong model's loss is on its stream. A draw falls due before a token that begins a unit, not after it: with
-    --handoff-unit word, a word's start, where both tokenizers cut the text, so each reads its partner's words as it
-    would write them (a partner that reads a cut inside one of its tokens continues badly: README). If the draw names
-    the other model, the token is set aside and the other writes from there; the strong model's choice to begin a
-    unit there is its action (Rollout.set_aside, in the loss). Draws wait until the run decodes to whole text."""
+    """tandem_generate for two tokenizers, which share text: each keeps its own token stream and cache and, about to
+    write, reads what the other wrote since, in its tokens; the strong model's loss is on its stream. A draw falls due
+    before a token that begins a unit: with --handoff-unit word, a word's start, where both tokenizers cut the text, so
+    each reads its partner's words as it would write them (a partner reading a cut inside one of its tokens continues
+    badly: README). If it names the other model, the token is set aside and the other writes on; beginning a unit there
+    is the strong model's action (Rollout.set_aside, in the loss). Draws wait until the run decodes to whole text."""
     models = {"strong": strong, "weak": weak}
     B, device = prompts["strong"][0].shape[0], prompts["strong"][0].device
     coins = (torch.rand(max_new_tokens + 1, 1 if shared_coins else B) < handoff_prob).expand(-1, B).tolist()
     eos, units = {n: tok.eos_token_id for n, tok in tokenizers.items()}, boundaries["strong"]
     boundaries = {n: None if b is None else b.tolist() for n, b in boundaries.items()}  # read row by row, on the host
-    rows = []
-    for r in range(B):
-        prompt = {n: ids[r][mask[r].bool()].tolist() for n, (ids, mask) in prompts.items()}
-        rows.append(Row(prompt, "weak" if coins[0][r] else "strong"))
+    prompt = [{n: ids[r][mask[r].bool()].tolist() for n, (ids, mask) in prompts.items()} for r in range(B)]
+    rows = [Row(prompt[r], "weak" if coins[0][r] else "strong") for r in range(B)]
     # A DynamicCache, as how long a stream grows is not known, and a mask that grows with it (0: a hole, see read_pass)
     caches = {n: DynamicCache(config=m.config) for n, m in models.items()}
     attn = {n: prompts[n][1][:, :0] for n in models}
@@ -272,8 +327,7 @@ def encode_piece(tokenizer, text):
     return tokenizer(tokenizer.eos_token + text, add_special_tokens=False)["input_ids"][1:] if text else []
 
 def piece_text(tokenizer, ids, k):
-    """The text of the last k of `ids`, special tokens left out, decoded after a few before them (so that a first "▁"
-    keeps its space)."""
+    """The last k of `ids` as text, no special tokens, decoded after a few before (so a first "▁" keeps its space)."""
     before, whole = (tokenizer.decode(ids[max(len(ids) - k - 4, 0):end], skip_special_tokens=True,
                                       clean_up_tokenization_spaces=False) for end in (len(ids) - k, len(ids)))
     return whole[len(before):]
@@ -285,8 +339,7 @@ HANDOFF_UNITS = {"token": lambda surface: True,  # the paper's: every token
                  "word": lambda surface: surface.startswith(("Ġ", "▁"))}
 
 def draw_rule(unit, max_gap, tokenizers, device):  # tandem_generate's keywords for --handoff-unit and --max-gap
-    """Each author's unit starts, in its own tokens (one tokenizer: the same). Two tokenizers share words, not tokens
-    (README), so their unit is a word unless another is named."""
+    """Each author's unit starts in its tokens; two tokenizers share words, not tokens (README): words by default."""
     across = tokenizers["weak"] is not tokenizers["strong"]
     if unit == "token" and across:
         raise UsageError("--handoff-unit token: two tokenizers share no tokens, so hand off by word (the default)")
@@ -314,10 +367,9 @@ def baseline(rewards, kind="loo"):
 
 def completion_logprobs(model, prompt, tokens, mask, temperature, vocab_size=None, chunk=32, set_aside=None,
                         units=None):
-    """log p(token) of each generated token under `model` (B x T, differentiable); prompt = (ids, mask). Logits divided
-    by the sampling temperature (on-policy), for the completion only, `chunk` positions at a time, each recomputed in
-    the backward pass instead of kept: B x T x vocab in float32 would be the step's largest tensor. Where the model
-    began a unit that was `set_aside` (two tokenizers), the log-probability of beginning one: `units` says which."""
+    """log p of each generated token under `model` (B x T, differentiable); prompt = (ids, mask). Logits over the
+    sampling temperature (on-policy), `chunk` positions at a time, recomputed in the backward pass (B x T x vocab in
+    float32 would be the step's largest tensor). A unit begun and `set_aside`: log p of beginning one (`units`)."""
     seq, attn = torch.cat([prompt[0], tokens], 1), torch.cat([prompt[1], mask.to(prompt[1].dtype)], 1)
     hidden = model.base_model(seq[:, :-1], attention_mask=attn[:, :-1], position_ids=position_ids(attn)[:, :-1])
     hidden, T = hidden.last_hidden_state[:, -tokens.shape[1]:], tokens.shape[1]
@@ -343,11 +395,10 @@ def chunk_logprobs(model, prompt, rollout, rows, temperature, vocab_size):  # co
 def policy_gradient(model, prompt, rollout, advantages, temperature, micro_batch_size, vocab_size=None,
                     amp=nullcontext(), weak_token_weight=0.0, rows=None, old_logp=None, ref_logp=None, args=None):
     """Add the REINFORCE gradient to model's .grad; return the loss: -sum(advantage * log p(token)) over the strong
-    model's own tokens (eos included) over their number in the whole batch, on every process, so that micro-batches add
-    up to one batch's gradient. Weak tokens are context, not actions, unless `weak_token_weight` w counts each w times
-    a strong one (the follow-up's code's junior_token_loss_weight, 0 in its runs; not its paper's KL term). The
-    follow-up's GRPO (below) takes `rows`, a mini-batch, the log-probs of the policy that sampled (`old_logp`, for the
-    clipped ratio) and of the frozen reference (`ref_logp`, for the k3 penalty), and `args`, their flags."""
+    model's own tokens (eos included) over their number in the whole batch, all processes', so micro-batches add up to
+    one batch's gradient. Weak tokens are context, not actions, unless `weak_token_weight` w counts each w times a
+    strong one (the follow-up code's junior_token_loss_weight, 0 in its runs; not its paper's KL term). GRPO: `rows` (a
+    mini-batch), `old_logp` (the sampler's: the clipped ratio), `ref_logp` (the frozen reference's: k3), `args`."""
     rows = torch.arange(len(advantages), device=advantages.device) if rows is None else rows
     own = rollout.mask & ~rollout.from_weak  # the strong model's actions: its tokens, the units it began (set aside)
     own = own if rollout.set_aside is None else own | rollout.set_aside
@@ -393,8 +444,7 @@ def k3(logp, reference):  # verl's low_var_kl: exp(r) - r - 1 for r = log pi_ref
 
 @torch.no_grad()
 def logprobs_of(model, prompt, rollout, minis, temperature, micro_batch_size, vocab_size, amp):
-    """log p of every token under `model`, in the micro-batches policy_gradient takes them (so that at a batch's first
-    step the ratio is exactly 1)."""
+    """log p of every token under `model`, in policy_gradient's micro-batches (the first step's ratio is exactly 1)."""
     logp = torch.zeros(rollout.tokens.shape, device=rollout.tokens.device)
     for rows in minis:
         for chunk in (rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)):
@@ -402,34 +452,72 @@ def logprobs_of(model, prompt, rollout, minis, temperature, micro_batch_size, vo
                 logp[chunk] = chunk_logprobs(model, prompt, rollout, chunk, temperature, vocab_size)
     return logp
 
-def rl_step(strong, weak, tokenizers, optimizer, problems, args, amp=nullcontext(), rule=None, weak_prefix=None,
-            reference=None):
-    """Tandem rollouts of `problems` (under torchrun, this process's share of the batch), sampled once, then an
-    optimizer step per mini-batch and epoch (one: REINFORCE, the paper's); returns the whole batch's metrics. `rule`:
-    when authors are drawn, from draw_rule; `reference`: the frozen model of the KL penalty (--kl-coef)."""
+class Partner(NamedTuple):  # a weak model of the pool, with its name (its warm-start's folder in sft/)
+    name: str
+    model: torch.nn.Module
+    tokenizers: dict  # {"strong": the strong model's, "weak": its own}: one object when they agree
+    rule: dict = None  # when authors are drawn (draw_rule)
+
+def pool_generate(strong, partners, problems, args, asking=Asking(), amp=nullcontext()):
+    """Tandem rollouts of `problems`, each co-written by one partner of the pool, drawn per rollout (--partner-draw
+    rollout: every update reads with every partner) or one for the batch; a partner's rows decode together, in its
+    tokens. Returns (the strong model's prompts, the rollout, each row's partner)."""
+    device, B = next(strong.parameters()).device, len(problems)
+    if len(partners) == 1:  # a pool of one draws nothing
+        which = torch.zeros(B, dtype=torch.long)
+    else:
+        which = torch.randint(len(partners), (B,) if args.partner_draw == "rollout" else (1,)).expand(B)
+    prompts, parts = encode_prompts(partners[0].tokenizers, problems, device, asking), []
+    for i, partner in enumerate(partners):
+        rows = (which == i).nonzero()[:, 0]
+        if len(rows) == 0:
+            continue
+        own = prompts if i == 0 and len(rows) == B else encode_prompts(partner.tokenizers, [problems[r] for r in rows],
+                                                                       device, asking)
+        tokenizer = partner.tokenizers["strong"]
+        with amp:
+            rollout = tandem_generate(strong, partner.model, own, args.handoff_prob, args.max_new_tokens,
+                                      args.temperature, tokenizer.eos_token_id, len(tokenizer),
+                                      shared_coins=args.coins == "batch", tokenizers=partner.tokenizers,
+                                      **(partner.rule or {}))
+        parts.append((rows, rollout))
+    return prompts["strong"], rollout if len(parts) == 1 else merge(parts, B, tokenizer.eos_token_id), which
+
+def merge(parts, B, eos):  # [(rows, Rollout)]: one rollout of B rows, each in its place, to the longest (eos, masked)
+    T = max(part.tokens.shape[1] for _, part in parts)
+    tokens = parts[0][1].tokens.new_full((B, T), eos)
+    from_weak, mask, set_aside = (torch.zeros_like(tokens, dtype=torch.bool) for _ in range(3))
+    units = None
+    for rows, part in parts:
+        t = part.tokens.shape[1]
+        tokens[rows, :t], from_weak[rows, :t], mask[rows, :t] = part.tokens, part.from_weak, part.mask
+        if part.set_aside is not None:  # a partner of another tokenizer's
+            set_aside[rows, :t], units = part.set_aside, part.units
+    return Rollout(tokens, from_weak, mask, set_aside=set_aside, units=units)
+
+def rl_step(strong, partners, optimizer, problems, args, amp=nullcontext(), asking=Asking(), reference=None):
+    """Tandem rollouts of `problems` (under torchrun, this process's share of the batch) with the pool of `partners`,
+    sampled once, then an optimizer step per mini-batch and epoch (one: REINFORCE, the paper's); returns the whole
+    batch's metrics. `asking`: the task and prompts; `reference`: the KL penalty's model (--kl-coef)."""
     k, device = args.samples_per_prompt, next(strong.parameters()).device
     repeated = [p for p in problems for _ in range(k)]  # side by side, so that view(-1, k) below is a prompt's samples
-    prompts = encode_prompts(tokenizers, repeated, device, weak_prefix)
-    tokenizer = tokenizers["strong"]
-    with amp:
-        rollout = tandem_generate(strong, weak, prompts, args.handoff_prob, args.max_new_tokens, args.temperature,
-                                  tokenizer.eos_token_id, len(tokenizer), shared_coins=args.coins == "batch",
-                                  tokenizers=tokenizers, **(rule or {}))
+    prompt, rollout, which = pool_generate(strong, partners, repeated, args, asking, amp)
+    tokenizer = partners[0].tokenizers["strong"]
     texts = completion_texts(tokenizer, rollout)
-    rewards = torch.tensor([reward(t, p) for t, p in zip(texts, repeated)]).view(-1, k)
+    rewards = torch.tensor([reward(t, p, asking.task) for t, p in zip(texts, repeated)]).view(-1, k)
     advantages = advantages_of(rewards, args).view(-1).to(device)
     # The mini-batches: whole prompts, in order (verl's, without shuffling), each epoch
     minis = torch.arange(len(repeated), device=device).chunk(args.batch_size // args.mini_batch_size)
     def logprobs(model):  # before the first step, in the micro-batches of the loss
-        return logprobs_of(model, prompts["strong"], rollout, minis, args.temperature, args.micro_batch_size,
-                           len(tokenizer), amp)
+        return logprobs_of(model, prompt, rollout, minis, args.temperature, args.micro_batch_size, len(tokenizer), amp)
     old_logp = logprobs(strong) if len(minis) * args.ppo_epochs > 1 else None  # pi_old: the policy that sampled
-    ref_logp = logprobs(reference) if reference is not None else None
+    lora = hasattr(reference, "disable_adapter")  # LoRA: the reference is this model's own base, its adapters off
+    with reference.disable_adapter() if lora else nullcontext():  # else a frozen copy of the warm-start, or none
+        ref_logp = None if reference is None else logprobs(strong if lora else reference)
     loss, skipped = 0.0, False
     for rows in minis * args.ppo_epochs:
-        step_loss = policy_gradient(strong, prompts["strong"], rollout, advantages, args.temperature,
-                                    args.micro_batch_size, len(tokenizer), amp, args.weak_token_weight, rows, old_logp,
-                                    ref_logp, args)
+        step_loss = policy_gradient(strong, prompt, rollout, advantages, args.temperature, args.micro_batch_size,
+                                    len(tokenizer), amp, args.weak_token_weight, rows, old_logp, ref_logp, args)
         sum_gradients(strong)  # under torchrun, add up the processes' gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(strong.parameters(), args.grad_clip).item()
         finite = math.isfinite(step_loss) and math.isfinite(grad_norm)  # NaN would poison weights and AdamW for good
@@ -441,23 +529,26 @@ def rl_step(strong, weak, tokenizers, optimizer, problems, args, amp=nullcontext
     # The weak model's share of the text, in characters: the same whatever the two tokenizers
     weak_chars = sum(len(tokenizer.decode(row[keep & weak], skip_special_tokens=True))
                      for row, keep, weak in zip(rollout.tokens, rollout.mask, rollout.from_weak))
-    total = all_sum({"reward": rewards.sum().item(), "rollout_jargon_rate": sum(map(has_jargon, texts)),
-                     "switches": switches, "rollout_tokens": rollout.mask.sum().item(), "rollouts": len(texts),
-                     "weak_chars": weak_chars, "chars": sum(map(len, texts)), "loss": loss})  # the whole batch's
-    per_rollout = {k: total[k] / total["rollouts"] for k in ["reward", "rollout_jargon_rate", "switches",
-                                                             "rollout_tokens"]}
-    return per_rollout | {"weak_frac": total["weak_chars"] / max(total["chars"], 1), "loss": total["loss"],
-                          "grad_norm": grad_norm, "rollouts": int(total["rollouts"]), "skipped": skipped}
+    sums = {"reward": rewards.sum().item(), "rollout_marker_rate": sum(map(asking.task.marker, texts)),
+            "switches": switches, "rollout_tokens": rollout.mask.sum().item(), "rollouts": len(texts)}
+    for i, p in enumerate(partners):  # each partner's reward, over its own rollouts
+        sums |= {f"reward {p.name}": rewards.view(-1)[which == i].sum().item(), p.name: (which == i).sum().item()}
+    total = all_sum(sums | {"weak_chars": weak_chars, "chars": sum(map(len, texts)), "loss": loss})
+    metrics = {k: total[k] / total["rollouts"] for k in ["reward", "rollout_marker_rate", "switches", "rollout_tokens"]}
+    by_partner = {p.name: total[f"reward {p.name}"] / max(total[p.name], 1) for p in partners}
+    return metrics | {"weak_frac": total["weak_chars"] / max(total["chars"], 1), "loss": total["loss"],
+                      "grad_norm": grad_norm, "rollouts": int(total["rollouts"]), "skipped": skipped,
+                      "reward_by_partner": by_partner}
 
 # -----------------------------------------------------------------------------
-# Evaluation: accuracy alone and in tandem, jargon, legibility (eval.py is its command line)
+# Evaluation: accuracy alone and in tandem, the marker, legibility (eval.py is its command line)
 
 @torch.no_grad()
 def evaluate(strong, weak, tokenizers, problems, handoff_prob=0.5, curve=(), max_new_tokens=256, temperature=0.0,
-             batch_size=32, seed=0, amp=nullcontext(), runs=None, rule=None, weak_prefix=None):
+             batch_size=32, seed=0, amp=nullcontext(), runs=None, rule=None, asking=Asking()):
     """Accuracy of the strong model alone (handoff 0), the weak one alone (1), the pair at `handoff_prob` and at each of
-    `curve`; jargon; legibility. Every rollout draws its own coins, so problems stay independent. `runs` (a dict) gets
-    (texts, [(prompts, rollout) per batch]) by handoff probability. Its own random stream, apart from training's."""
+    `curve`; the task's marker; legibility. Every rollout draws its own coins, so problems stay independent. `runs`
+    (a dict) gets (texts, [(prompts, rollout) per batch]) by handoff probability. Its own random stream."""
     runs, device, n, t0 = {} if runs is None else runs, next(strong.parameters()).device, len(problems), time.time()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), amp:
         for p in dict.fromkeys([0.0, handoff_prob, 1.0, *curve]):  # each handoff probability decoded once
@@ -466,7 +557,7 @@ def evaluate(strong, weak, tokenizers, problems, handoff_prob=0.5, curve=(), max
             torch.manual_seed(seed)
             texts, batches = runs[p] = ([], [])
             for i in range(0, n, batch_size):
-                prompts = encode_prompts(tokenizers, problems[i:i + batch_size], device, weak_prefix)
+                prompts = encode_prompts(tokenizers, problems[i:i + batch_size], device, asking)
                 rollout = tandem_generate(strong, weak, prompts, p, max_new_tokens, temperature,
                                           tokenizers["strong"].eos_token_id, len(tokenizers["strong"]),
                                           tokenizers=tokenizers, **(rule or {}))
@@ -482,11 +573,11 @@ def evaluate(strong, weak, tokenizers, problems, handoff_prob=0.5, curve=(), max
         result = {"n": n, "tandem_handoff_prob": handoff_prob, "weak_nll": nll / max(tokens, 1),  # nats per token,
                   "weak_nll_per_char": nll / max(sum(map(len, runs[0.0][0])), 1)}  # and per character
     def accuracy(p):
-        return sum(correct(t, q["answer"]) for t, q in zip(runs[p][0], problems)) / n
+        return sum(asking.task.correct(t, q) for t, q in zip(runs[p][0], problems)) / n
     result |= {"strong_accuracy": accuracy(0.0), "weak_accuracy": accuracy(1.0),
                "tandem_accuracy": accuracy(handoff_prob),
-               "strong_jargon_rate": sum(map(has_jargon, runs[0.0][0])) / n,
-               "tandem_jargon_rate": sum(map(has_jargon, runs[handoff_prob][0])) / n,
+               "strong_marker_rate": sum(map(asking.task.marker, runs[0.0][0])) / n,
+               "tandem_marker_rate": sum(map(asking.task.marker, runs[handoff_prob][0])) / n,
                "strong_tokens": sum(r.mask.sum().item() for _, r in runs[0.0][1]) / n}
     if curve:
         result["curve"] = [{"handoff_prob": p, "accuracy": accuracy(p)} for p in curve]
@@ -495,15 +586,20 @@ def evaluate(strong, weak, tokenizers, problems, handoff_prob=0.5, curve=(), max
 # -----------------------------------------------------------------------------
 # The warm-start (SFT): base GPT-2 can't solve GSM8K, so both models first imitate the train solutions
 
-def sft(model, tokenizer, problems, steps, batch_size, lr, jargon_frac, seed, amp=nullcontext(), name="sft"):
-    """Fine-tune `model` on GSM8K solutions; a `jargon_frac` share of them keep their <<...>> annotations."""
+def sft(model, tokenizer, problems, steps, batch_size, lr, marker_frac, seed, amp=nullcontext(), name="sft",
+        asking=Asking(), role="strong"):
+    """Fine-tune `model` on the task's solutions, a `marker_frac` share of them with the marker (GSM8K: <<...>>), as
+    `asking` puts problems to the `role` model (its chat template, if asked; not its prefix)."""
     rng, opt, shown = random.Random(seed), torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), time.time()
     model.train()
     for step in range(1, steps + 1):
         batch = rng.sample(problems, min(batch_size, len(problems)))
-        prompts = tokenizer([format_prompt(p["question"]) for p in batch])["input_ids"]
-        solutions = tokenizer([" " + (p["answer"] if rng.random() < jargon_frac else strip_jargon(p["answer"]))
-                               for p in batch], add_special_tokens=False)["input_ids"]  # no BOS mid-text
+        chat = asking.chat[role]
+        texts = [prompt_text(asking.task, p, tokenizer, chat) for p in batch]
+        prompts = tokenizer(texts, add_special_tokens=not chat)["input_ids"]  # a chat template has its BOS
+        targets = [asking.task.target(p, rng.random() < marker_frac) for p in batch]
+        # No BOS mid-text; a chat template's turn begins the solution where a bare prompt wants its space
+        solutions = tokenizer([t.lstrip() if chat else t for t in targets], add_special_tokens=False)["input_ids"]
         enc = tokenizer.pad({"input_ids": [(p + s + [tokenizer.eos_token_id])[:max_positions(model)]
                                            for p, s in zip(prompts, solutions)]}, return_tensors="pt").to(model.device)
         ids, attn = enc["input_ids"], enc["attention_mask"]
@@ -520,96 +616,133 @@ def sft(model, tokenizer, problems, steps, batch_size, lr, jargon_frac, seed, am
             shown = time.time()
     return model.eval()
 
+def warm_start(args, out, train, test, asking, device, amp, rank, world_size):
+    """(strong, [Partner], its LoRA adapters or None): each model from its warm-start in out/sft/<role> if it has one (a
+    resumed run), else as named and warm-started there: the strong model learns the marker, each partner the same
+    solutions without it, each in its own tokens. Frozen weights are bf16 on CUDA: they take no optimizer step."""
+    roles = {"strong": args.strong} | {"weak" if i == 0 else f"weak-{i}": name for i, name in enumerate(args.weak)}
+    weak_steps = args.sft_steps if args.weak_sft_steps is None else args.weak_sft_steps
+    steps = {role: args.sft_steps if role == "strong" else weak_steps for role in roles}
+    path = {role: os.path.join(out, "sft", role) for role in roles}
+    warm = {role: steps[role] > 0 and os.path.exists(path[role]) for role in roles}
+    half = torch.bfloat16 if device.type == "cuda" else torch.float32
+    frozen = {role for role in roles if (args.lora_rank if role == "strong" else warm[role] or not steps[role])}
+    tokenizers, models = load_models({role: path[role] if warm[role] else name for role, name in roles.items()},
+                                     device, args.trust_remote_code, dict.fromkeys(frozen, half),
+                                     {"strong"} if args.load_in_4bit else ())
+    partners = [Partner(role, models[role], {"strong": tokenizers["strong"], "weak": tokenizers[role]})
+                for role in list(roles)[1:]]
+    check_fits(models["strong"], partners, train + test, args.max_new_tokens, asking)
+    start_run(out, args, rank)
+    print(f"run folder {out} | device {device} | {world_size} process(es) | {len(train)} train problems")
+    for role, model in models.items():
+        if steps[role] > 0 and not warm[role]:
+            adapters = with_adapters(model, args) if role == "strong" and args.lora_rank else None
+            sft(model, tokenizers[role], train, steps[role], args.sft_batch_size, args.sft_lr,
+                args.sft_marker_frac if role == "strong" else 0.0, args.seed, amp, f"sft {role}", asking,
+                "strong" if role == "strong" else "weak")
+            if adapters is not None:  # into its base: RL's adapters start afresh on the warm-start, their reference
+                adapters.merge_and_unload()
+            share_weights(model)
+            save_model(model, tokenizers[role], path[role], rank)
+    for partner in partners:
+        partner.model.to(half).requires_grad_(False)
+    rule = {p.name: draw_rule(args.handoff_unit, args.max_gap, p.tokenizers, device) for p in partners}
+    adapters = with_adapters(models["strong"], args) if args.lora_rank else None
+    share_weights(models["strong"])  # the adapters' random start too: rank 0's for every process
+    return models["strong"], [p._replace(rule=rule[p.name]) for p in partners], adapters
+
+def with_adapters(model, args):
+    """LoRA (peft) on `model`'s linear layers, in place: its own weights freeze and its adapters train; returns peft's
+    wrapper, for the adapters' own save, their merge, and the base alone (disable_adapter)."""
+    peft = optional("peft", "--lora-rank", "peft")
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers: peft needs to be told they are transposed
+    targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+    config = peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                             target_modules=targets, fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()))
+    return peft.get_peft_model(model, config)
+
 # -----------------------------------------------------------------------------
 # Command line and main
 
 def handoff_flags(p):  # who writes which token: the flags that tandem.py and eval.py share
-    p.add_argument("--handoff-prob", type=number(float, 0, 1), default=0.5,
-                   help="chance a draw picks the weak model (paper: 0.5; 0: the strong model alone)")
-    p.add_argument("--handoff-unit", default=None, choices=list(HANDOFF_UNITS),
-                   help="token: a draw per token (paper; default with one tokenizer); word: at word starts "
-                   "(follow-up; default with two tokenizers, which share no tokens)")
-    p.add_argument("--max-gap", type=number(int, 1), default=32,
-                   help="also a draw this long after the last (follow-up: 32)")
+    p.add_argument("--handoff-prob", type=SHARE, default=0.5, help="chance a draw picks the weak model (paper: 0.5)")
+    p.add_argument("--handoff-unit", choices=list(HANDOFF_UNITS), help="token (paper; the default) or word "
+                   "(follow-up; the default and the rule with two tokenizers)")
+    p.add_argument("--max-gap", type=POSITIVE, default=32, help="also a draw this long after the last (follow-up: 32)")
 
 def parse_args(argv=None):
-    p = Parser(description="Tandem training of a strong LM with a frozen weak partner on GSM8K.",
+    p = Parser(description="Tandem training of a strong LM with a frozen weak partner.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows every default
     g = p.add_argument_group("models and data")
-    g.add_argument("--weak", default="gpt2", help="frozen weak model: hub name or local folder")
     g.add_argument("--strong", default="gpt2-medium", help="strong model to train: hub name or local folder")
-    g.add_argument("--data", default="openai/gsm8k",
-                   help="hub dataset, a folder of train.jsonl, test.jsonl, or a .jsonl")
-    g.add_argument("--weak-prompt", default=None, help="text file put in front of every prompt the weak model reads")
+    g.add_argument("--weak", action="append", help="frozen weak model (default gpt2); more than once: a pool")
+    g.add_argument("--task", default="gsm8k", choices=list(TASKS), help="what is solved and checked (TASKS)")
+    g.add_argument("--data", help="hub dataset, folder of train.jsonl and test.jsonl, or .jsonl (default: the task's)")
+    g.add_argument("--chat-template", default="none", choices=["none", "strong", "weak", "both"],
+                   help="which models read problems in their own chat template (their warm-start too)")
+    g.add_argument("--weak-prompt", help="text file put in front of every problem the weak models read")
     g = p.add_argument_group("handoffs (--handoff-prob 0: plain RL)")
     handoff_flags(g)
-    g.add_argument("--coins", default="row", choices=["row", "batch"],
-                   help="row: every rollout draws its own; batch: one draw per step for all")
+    g.add_argument("--coins", default="row", choices=["row", "batch"], help="row: draws per rollout; batch: for all")
+    g.add_argument("--partner-draw", default="rollout", choices=["rollout", "batch"], help="a pool's partner, per")
     g = p.add_argument_group("RL")
-    g.add_argument("--steps", type=number(int, 1), default=100, help="RL updates (paper: the jargon goes in about 20)")
-    g.add_argument("--batch-size", type=number(int, 1), default=32, help="prompts per RL update")
-    g.add_argument("--samples-per-prompt", type=number(int, 1), default=2, help="rollouts per prompt (paper: 2)")
-    g.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="longest solution sampled (paper: 256)")
-    g.add_argument("--temperature", type=number(float, 0), default=0.7,
-                   help="rollouts' sampling temperature (paper: 0.7)")
-    g.add_argument("--baseline", default="loo", choices=["loo", "mean", "none"],
-                   help="loo: the mean reward of the prompt's other samples")
-    g.add_argument("--weak-token-weight", type=number(float, 0), default=0.0,
-                   help="weight of the weak model's tokens in the loss (0: none)")
-    g.add_argument("--lr", type=number(float, 0), default=1e-5, help="AdamW learning rate of the RL updates")
-    g.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip each update's gradient norm to this")
-    g.add_argument("--micro-batch-size", type=number(int, 1), default=16, help="rollouts per forward/backward (memory)")
-    g = p.add_argument_group("beyond REINFORCE: the follow-up's GRPO (its defaults are REINFORCE)")
-    g.add_argument("--scale-rewards", default="none", choices=["none", "group"],
-                   help="group: advantages over the group's std, as GRPO (verl's norm_adv_by_std_in_grpo; TRL's name)")
-    g.add_argument("--mini-batch-size", type=number(int, 1), default=None,
-                   help="prompts per optimizer step (verl's ppo_mini_batch_size; default: --batch-size, one step)")
-    g.add_argument("--ppo-epochs", type=number(int, 1), default=1,
-                   help="optimizer passes over each batch of rollouts (verl's ppo_epochs; TRL's num_iterations)")
-    g.add_argument("--clip-ratio", type=number(float, 0), default=0.2,
-                   help="PPO's clip, low side, with several steps a batch (verl's clip_ratio; TRL's epsilon)")
-    g.add_argument("--clip-ratio-high", type=number(float, 0), default=None,
-                   help="its high side (verl's clip_ratio_high; TRL's epsilon_high; default: --clip-ratio)")
-    g.add_argument("--clip-ratio-c", type=number(float, 1), default=3.0,
-                   help="dual clip: a negative advantage's loss at most this x its ratio (verl's clip_ratio_c)")
-    g.add_argument("--kl-coef", type=number(float, 0), default=0.0,
-                   help="k3 KL penalty toward the warm-start, a frozen copy (verl's kl_loss_coef; TRL: beta)")
+    g.add_argument("--steps", type=POSITIVE, default=100, help="RL updates (paper: the jargon goes within about 20)")
+    g.add_argument("--batch-size", type=POSITIVE, default=32, help="prompts per RL update")
+    g.add_argument("--samples-per-prompt", type=POSITIVE, default=2, help="rollouts per prompt (paper: 2)")
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=256, help="longest solution sampled (paper: 256)")
+    g.add_argument("--temperature", type=REAL, default=0.7, help="the rollouts' sampling temperature (paper: 0.7)")
+    g.add_argument("--baseline", default="loo", choices=["loo", "mean", "none"], help="loo: the prompt's other samples")
+    g.add_argument("--weak-token-weight", type=REAL, default=0.0, help="weak tokens' weight in the loss (0: none)")
+    g.add_argument("--lr", type=REAL, default=1e-5, help="AdamW learning rate of the RL updates")
+    g.add_argument("--grad-clip", type=REAL, default=1.0, help="clip each update's gradient norm to this")
+    g.add_argument("--micro-batch-size", type=POSITIVE, default=16, help="rollouts per forward/backward (memory)")
+    g = p.add_argument_group("beyond REINFORCE: the follow-up's GRPO, verl's names (TRL's); defaults: REINFORCE")
+    g.add_argument("--scale-rewards", default="none", choices=["none", "group"], help="group: / the group's std")
+    g.add_argument("--mini-batch-size", type=POSITIVE, help="prompts per optimizer step (default: the batch)")
+    g.add_argument("--ppo-epochs", type=POSITIVE, default=1, help="passes over a batch's rollouts (num_iterations)")
+    g.add_argument("--clip-ratio", type=REAL, default=0.2, help="PPO's clip below 1 (epsilon), with several steps")
+    g.add_argument("--clip-ratio-high", type=REAL, help="its clip above 1 (epsilon_high; default: --clip-ratio)")
+    g.add_argument("--clip-ratio-c", type=number(float, 1), default=3.0, help="dual clip: for advantages below 0")
+    g.add_argument("--kl-coef", type=REAL, default=0.0, help="k3 KL penalty toward the warm-start (kl_loss_coef; beta)")
     g.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean"],
-                   help="a mini-batch's mean over its tokens, or over rollouts of each one's (verl's loss_agg_mode)")
+                   help="a mini-batch's loss: the mean over its tokens, or over rollouts of theirs (loss_agg_mode)")
+    g = p.add_argument_group("LoRA and QLoRA (peft): adapters train, the strong model's own weights freeze")
+    g.add_argument("--lora-rank", type=COUNT, default=0, help="the adapters' rank (0: every weight trains; paper: 16)")
+    g.add_argument("--lora-alpha", type=REAL, default=32.0, help="their scale is alpha / rank")
+    g.add_argument("--lora-dropout", type=SHARE, default=0.0, help="in the warm-start (RL runs in eval mode)")
+    g.add_argument("--lora-targets", default="all-linear", help="peft's all-linear (the paper's), or layer names a,b")
+    g.add_argument("--load-in-4bit", action="store_true", help="QLoRA: the base in NF4 (bitsandbytes; CUDA only)")
     g = p.add_argument_group("warm-start")
-    g.add_argument("--sft-steps", type=number(int, 0), default=1000,
-                   help="warm-start steps, strong model (0: as given)")
-    g.add_argument("--weak-sft-steps", type=number(int, 0), default=None,
-                   help="warm-start steps of the weak model (0: as given; default: --sft-steps)")
-    g.add_argument("--sft-batch-size", type=number(int, 1), default=16, help="solutions per warm-start step")
-    g.add_argument("--sft-lr", type=number(float, 0), default=5e-5, help="AdamW learning rate of the warm-start")
-    g.add_argument("--sft-jargon-frac", type=number(float, 0, 1), default=1.0,
-                   help="share of the strong model's solutions that keep <<...>>")
+    g.add_argument("--sft-steps", type=COUNT, default=1000, help="warm-start steps of the strong model (0: as given)")
+    g.add_argument("--weak-sft-steps", type=COUNT, help="the weak models' (0: as given; default: --sft-steps)")
+    g.add_argument("--sft-batch-size", type=POSITIVE, default=16, help="solutions per warm-start step")
+    g.add_argument("--sft-lr", type=REAL, default=5e-5, help="AdamW learning rate of the warm-start")
+    g.add_argument("--sft-marker-frac", type=SHARE, default=1.0, help="strong solutions with the marker (GSM8K: <<>>)")
     g = p.add_argument_group("evaluation and the run")
-    g.add_argument("--eval-every", type=number(int, 0), default=20,
-                   help="evaluate every N updates, first, last (0: never)")
-    g.add_argument("--eval-limit", type=number(int, 1), default=200, help="test problems per evaluation")
-    g.add_argument("--eval-batch-size", type=number(int, 1), default=64, help="test problems decoded together")
-    g.add_argument("--eval-handoff-prob", type=number(float, 0, 1), default=0.5,
-                   help="the pair's handoff probability in evaluations, plain RL's too")
-    g.add_argument("--out", default=None, help="run folder (default runs/<date-time>)")
+    g.add_argument("--eval-every", type=COUNT, default=20, help="evaluate every N updates, first and last (0: never)")
+    g.add_argument("--eval-limit", type=POSITIVE, default=200, help="test problems per evaluation")
+    g.add_argument("--eval-batch-size", type=POSITIVE, default=64, help="test problems decoded together")
+    g.add_argument("--eval-handoff-prob", type=SHARE, default=0.5, help="the pair's in evaluations, plain RL's too")
+    g.add_argument("--out", help="run folder (default runs/<date-time>)")
     g.add_argument("--resume", action="store_true", help="go on with the run in --out from its last checkpoint")
-    g.add_argument("--save-every", type=number(int, 0), default=20, help="a checkpoint every N updates (0: never)")
+    g.add_argument("--save-every", type=COUNT, default=20, help="a checkpoint every N updates (0: never)")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice (data order, sampling, handoffs)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is one")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype (auto: bf16 on cuda)")
-    g.add_argument("--trust-remote-code", action="store_true", help="let models run code from their folder or hub repo")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on cuda")
+    g.add_argument("--trust-remote-code", action="store_true", help="let models run code from their folder or hub")
     args = p.parse_args(argv)
     if args.baseline == "loo" and args.samples_per_prompt < 2:
         p.error("the leave-one-out baseline needs --samples-per-prompt 2 or more (or --baseline mean or none)")
     if args.resume and not args.out:
         p.error("--resume needs the --out folder of the run to go on with")
-    args.mini_batch_size = args.mini_batch_size or args.batch_size
+    args.weak, args.mini_batch_size = args.weak or ["gpt2"], args.mini_batch_size or args.batch_size
     if args.batch_size % args.mini_batch_size:
         p.error(f"--batch-size {args.batch_size} does not split into mini-batches of {args.mini_batch_size}")
     if args.scale_rewards == "group" and args.samples_per_prompt < 2:
         p.error("--scale-rewards group needs --samples-per-prompt 2 or more (a group of one has no spread)")
+    if args.load_in_4bit and not args.lora_rank:
+        p.error("--load-in-4bit needs --lora-rank: a 4-bit model's own weights can't train")
     if args.temperature == 0:
         p.error("--temperature 0 samples greedily: rollouts need a temperature above 0 to have a policy gradient")
     return args
@@ -617,58 +750,45 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device, amp = pick_device(args.device, args.dtype)
+    if args.load_in_4bit and (device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None):
+        raise UsageError("--load-in-4bit needs a CUDA GPU and bitsandbytes (pip install bitsandbytes)")
     rank, world_size, device = init_distributed(device)
     if args.batch_size % world_size or (args.batch_size // world_size) % (args.batch_size // args.mini_batch_size):
         raise UsageError(f"--batch-size {args.batch_size} does not split over {world_size} processes and its "
                          "mini-batches: make it a multiple")
     torch.manual_seed(args.seed + rank)  # each process samples rollouts of its own
-    train, test = load_gsm8k("train", args.data), load_gsm8k("test", args.data)[:args.eval_limit]
-    weak_prefix = read_text(args.weak_prompt) if args.weak_prompt else None
+    task = TASKS[args.task]
+    train, test = load(task, "train", args.data), load(task, "test", args.data)[:args.eval_limit]
+    asking = Asking(task, {role: args.chat_template in (role, "both") for role in ("strong", "weak")},
+                    {"strong": "", "weak": read_text(args.weak_prompt) if args.weak_prompt else ""})
     if (out := run_folder(args)) is None:
         return
-    # The warm-start is saved in the run folder, and a resumed run takes it from there.
-    sft_path = {role: os.path.join(out, "sft", role) for role in ("strong", "weak")}
-    weak_steps = args.sft_steps if args.weak_sft_steps is None else args.weak_sft_steps
-    sft_steps = {"strong": args.sft_steps, "weak": weak_steps}
-    warm = {role: sft_steps[role] > 0 and os.path.exists(path) for role, path in sft_path.items()}
-    tokenizers, strong, weak = load_pair(sft_path["strong"] if warm["strong"] else args.strong,
-                                        sft_path["weak"] if warm["weak"] else args.weak, device, args.trust_remote_code)
-    check_fits(strong, weak, tokenizers, train + test, args.max_new_tokens, weak_prefix)
-    start_run(out, args, rank)
-    print(f"run folder {out} | device {device} | {world_size} process(es) | {len(train)} train problems")
-
-    # Warm-start: the strong model learns the jargon, the weak one the same solutions without it (each in its tokens).
-    for role, model, jargon_frac in [("strong", strong, args.sft_jargon_frac), ("weak", weak, 0.0)]:
-        if sft_steps[role] > 0 and not warm[role]:
-            sft(model, tokenizers[role], train, sft_steps[role], args.sft_batch_size, args.sft_lr, jargon_frac,
-                args.seed, amp, f"sft {role}")
-            share_weights(model)
-            save_model(model, tokenizers[role], sft_path[role], rank)
-    weak.requires_grad_(False)
-    rule = draw_rule(args.handoff_unit, args.max_gap, tokenizers, device)
-    # The KL penalty's reference, the warm-start: a frozen copy, one more strong model in memory
-    reference = copy.deepcopy(strong).requires_grad_(False) if args.kl_coef else None
+    strong, partners, adapters = warm_start(args, out, train, test, asking, device, amp, rank, world_size)
+    reference = None  # the KL penalty's, the warm-start: with LoRA the model's own base (its adapters off), or a copy
+    if args.kl_coef:
+        reference = adapters if adapters is not None else copy.deepcopy(strong).requires_grad_(False)
 
     # RL, in eval mode: with dropout on, the gradient would be taken under another policy than the one that sampled.
-    optimizer = torch.optim.AdamW(strong.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in strong.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     rng = random.Random(args.seed)  # the same in every process: all draw the same batch, each takes its share
     last_step, log = resume(out, strong, optimizer, rng, rank, args.resume)
 
     def evaluation(step):  # every process evaluates (the same problems, the same result): none waits on another
-        result = evaluate(strong, weak, tokenizers, test, args.eval_handoff_prob, max_new_tokens=args.max_new_tokens,
-                          amp=amp, batch_size=args.eval_batch_size, seed=args.seed, rule=rule, weak_prefix=weak_prefix)
-        log({"step": step, "kind": "eval"} | result)
-        print(f"eval at step {step} | " + " | ".join(f"{k} {result[k]:.3f}" for k in [
-            "strong_accuracy", "tandem_accuracy", "weak_accuracy", "strong_jargon_rate", "weak_nll"]), flush=True)
+        for p in partners:
+            result = evaluate(strong, p.model, p.tokenizers, test, args.eval_handoff_prob, (), args.max_new_tokens,
+                              0.0, args.eval_batch_size, args.seed, amp, None, p.rule, asking)
+            log({"step": step, "kind": "eval", "partner": p.name} | result)
+            print(f"eval at step {step} with {p.name} | " + " | ".join(f"{k} {result[k]:.3f}" for k in [
+                "strong_accuracy", "tandem_accuracy", "weak_accuracy", "strong_marker_rate", "weak_nll"]), flush=True)
 
     if args.eval_every and last_step == 0:
         evaluation(0)
     for step in range(last_step + 1, args.steps + 1):
         t0 = time.time()
         batch = rng.sample(train, min(args.batch_size, len(train)))[rank::world_size]
-        metrics = rl_step(strong, weak, tokenizers, optimizer, batch, args, amp, rule, weak_prefix, reference)
+        metrics = rl_step(strong, partners, optimizer, batch, args, amp, asking, reference)
         log({"step": step, "kind": "train"} | metrics | {"seconds": time.time() - t0})
-        keys = ["reward", "rollout_jargon_rate", "weak_frac", "switches", "loss"]
+        keys = ["reward", "rollout_marker_rate", "weak_frac", "switches", "loss"]
         shown = " | ".join(f"{k} {metrics[k]:.3f}" for k in keys)
         skipped = " | non-finite, skipped" if metrics["skipped"] else ""
         print(f"step {step}/{args.steps} | {shown} | {time.time() - t0:.1f}s{skipped}", flush=True)
@@ -676,7 +796,10 @@ def main(argv=None):
             evaluation(step)
         if args.save_every and step % args.save_every == 0:
             save_checkpoint(out, strong, optimizer, rng, step, rank)
-    save_model(strong, tokenizers["strong"], os.path.join(out, "final"), rank)
+    if adapters is not None and rank == 0:  # for peft users, beside the merged weights that plain transformers loads
+        adapters.save_pretrained(os.path.join(out, "adapters"))
+        adapters.merge_and_unload()
+    save_model(strong, partners[0].tokenizers["strong"], os.path.join(out, "final"), rank)
     print(f"saved {os.path.join(out, 'final')}")
 
 # =============================================================================
@@ -700,6 +823,8 @@ def number(kind, low, high=math.inf):
     parse.__name__ = kind.__name__  # argparse says "invalid int value" when kind() fails
     return parse
 
+REAL, COUNT, POSITIVE, SHARE = number(float, 0), number(int, 0), number(int, 1), number(float, 0, 1)  # flags' types
+
 @contextmanager
 def user_input(what, errors=(OSError, ValueError)):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
     """A file, folder or model the user named that can't be read (or made) ends in one line that names it."""
@@ -710,7 +835,13 @@ def user_input(what, errors=(OSError, ValueError)):  # UnicodeDecodeError and JS
         reason = reason.split("\n")[0]
         raise UsageError(f"{what}: {reason}") from None
 
-def read_jsonl(path):
+def optional(module, use, package):  # an optional dependency, imported where it is used: one line if it is missing
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f"{use} needs {package}: pip install {package}") from None
+
+def read_jsonl(path, fields=("question", "answer")):
     problems = []
     with user_input(f"--data {path}"), open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -718,9 +849,9 @@ def read_jsonl(path):
                 continue
             with user_input(f"--data {path} line {n}"):
                 row = json.loads(line)
-            if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("question", "answer"))):
-                raise UsageError(f"--data {path} line {n}: needs string fields 'question' and 'answer'")
-            problems.append({"question": row["question"], "answer": row["answer"]})
+            if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in fields)):
+                raise UsageError(f"--data {path} line {n}: needs string fields " + " and ".join(map(repr, fields)))
+            problems.append(row)
     if not problems:
         raise UsageError(f"--data {path}: no problems in it")
     return problems
@@ -729,26 +860,28 @@ def read_text(path):
     with user_input(f"--weak-prompt {path}"), open(path, encoding="utf-8") as f:
         return f.read()
 
-def load_pair(strong_name, weak_name, device, trust_remote_code=False):
-    """({"strong": tokenizer, "weak": tokenizer}, strong, weak), tokenizers checked first. Tokenizers that agree are one
-    object: the models pass token ids (the fast path). Others pass text, and each must give back a piece's text."""
+def load_models(names, device, trust_remote_code=False, dtypes=None, four_bit=()):
+    """({role: tokenizer}, {role: model}) for {role: hub name or folder}, "strong" first, every tokenizer checked before
+    any weights load. One that agrees with the strong model's (the same vocabulary and end token) is its object: that
+    pair passes token ids (the fast path). Pairs of two pass text, and each tokenizer must give back a piece's text."""
     tokenizers = {}
-    for role, name in [("strong", strong_name), ("weak", weak_name)]:
+    for role, name in names.items():
         with model_input(name):
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, padding_side="left")
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # left padding: GPT-2 has no pad token
-        tokenizers[role] = tokenizer
-    strong_tok, weak_tok = tokenizers.values()
-    if strong_tok.get_vocab() == weak_tok.get_vocab() and strong_tok.eos_token == weak_tok.eos_token:
-        tokenizers["weak"] = strong_tok
-    for name, tok in [(strong_name, strong_tok), (weak_name, weak_tok)] if tokenizers["weak"] is weak_tok else []:
+        strong = tokenizers.get("strong", tokenizer)
+        agrees = strong.get_vocab() == tokenizer.get_vocab() and strong.eos_token == tokenizer.eos_token
+        tokenizers[role] = strong if agrees else tokenizer
+    distinct = {id(tok): (names[role], tok) for role, tok in tokenizers.items()}
+    for name, tok in distinct.values() if len(distinct) > 1 else []:
         before = tok("Answer:", add_special_tokens=False)["input_ids"]  # a piece in the middle of a stream comes back?
         for text in ["12", " brown", "\n#### 5", "é."]:
             if piece_text(tok, before + encode_piece(tok, text), len(encode_piece(tok, text))) != text:
                 raise UsageError(f"the tokenizer of {name!r} changes a piece of text it encodes, so it can't read a "
                                  "partner's text: choose another model")
-    strong, weak = (load_model(name, device, trust_remote_code) for name in (strong_name, weak_name))
-    return tokenizers, strong, weak
+    models = {role: load_model(name, device, trust_remote_code, (dtypes or {}).get(role, torch.float32),
+                               role in four_bit) for role, name in names.items()}
+    return tokenizers, models
 
 def model_input(name):  # user_input for a model's hub name or folder
     if os.path.exists(name) and not os.path.isfile(os.path.join(name, "config.json")):
@@ -757,11 +890,18 @@ def model_input(name):  # user_input for a model's hub name or folder
     why = " (offline: a hub name needs a network)" if offline else ""
     return user_input(f"cannot load model {name!r}{why}", Exception)  # a broken model raises what its format does
 
-def load_model(name, device, trust_remote_code=False):
-    """A model in float32: AdamW's master copy (speed comes from autocast)."""
+def load_model(name, device, trust_remote_code=False, dtype=torch.float32, four_bit=False):
+    """A model to train in float32 (AdamW's master copy; autocast for speed), or frozen in `dtype`, or QLoRA's NF4."""
+    quantized = {}
+    if four_bit:
+        from transformers import BitsAndBytesConfig  # needs bitsandbytes: main checks it is there
+        quantized = dict(device_map={"": device}, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True))
     with model_input(name):
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    model = model.to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **quantized)
+    model = (model if four_bit else model.to(device)).eval()
     # The decoder and the loss take logits from the output layer: a model that rescales them after it (Gemma 2's
     # soft-capping, Cohere's logit_scale) would be trained on logits it never gives.
     ids = torch.arange(1, 9, device=device)[None]
@@ -775,15 +915,18 @@ def load_model(name, device, trust_remote_code=False):
 def max_positions(model):  # None for a model whose config names no limit: then nothing is checked
     return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
 
-def check_fits(strong, weak, tokenizers, problems, max_new_tokens, weak_prefix=None):
+def check_fits(strong, partners, problems, max_new_tokens, asking=Asking()):
     """One line now, not an index error mid-run, if the longest prompt and new tokens overrun a model's positions."""
-    prompts = encode_prompts(tokenizers, problems, "cpu", weak_prefix)
-    for name, model in [("strong", strong), ("weak", weak)]:
-        longest, context = prompts[name][0].shape[1], max_positions(model)  # prompts are padded to the longest
-        if context and longest + max_new_tokens > context:
-            raise UsageError(f"the longest {name} prompt ({longest} tokens) and --max-new-tokens {max_new_tokens} "
-                             f"exceed the {name} model's {context} positions: lower --max-new-tokens or shorten "
-                             "--weak-prompt")
+    for partner in partners:
+        prompts = encode_prompts(partner.tokenizers, problems, "cpu", asking)
+        weak = "weak" if len(partners) == 1 else f"weak ({partner.name})"
+        for role, model in [("strong", strong), (weak, partner.model)]:
+            longest = prompts["strong" if model is strong else "weak"][0].shape[1]  # prompts are padded to the longest
+            context = max_positions(model)
+            if context and longest + max_new_tokens > context:
+                raise UsageError(f"the longest {role} prompt ({longest} tokens) and --max-new-tokens {max_new_tokens} "
+                                 f"exceed the {role} model's {context} positions: lower --max-new-tokens or shorten "
+                                 "--weak-prompt")
 
 def pick_device(name, dtype="auto"):
     """(device, autocast): bf16 autocast on CUDA by default, over float32 weights: AdamW's small updates aren't lost."""
@@ -818,7 +961,7 @@ def all_sum(values):  # {name: its sum over all processes} for a dict of numbers
 
 def sum_gradients(model):  # one all-reduce adds up the processes' gradients (each loss is its share of the batch's)
     if dist.is_initialized():
-        params = list(model.parameters())
+        params = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
         dist.all_reduce(flat)
         for p, g in zip(params, flat.split([p.numel() for p in params])):
@@ -865,7 +1008,8 @@ def save_checkpoint(out, strong, optimizer, rng, step, rank):  # one dict: all t
     rng_torch = gather((torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None))
     if rank == 0:
         path = os.path.join(out, "checkpoint.pt")
-        torch.save({"model": strong.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+        trained = {name: p for name, p in strong.named_parameters() if p.requires_grad}  # with LoRA, the adapters
+        torch.save({"model": trained, "optimizer": optimizer.state_dict(), "step": step,
                     "rng_python": rng.getstate(), "rng_torch": rng_torch}, path + ".tmp")
         os.replace(path + ".tmp", path)
 
@@ -875,7 +1019,9 @@ def resume(out, strong, optimizer, rng, rank, resuming):
     path, metrics_path, last_step, rows = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl"), 0, []
     if resuming and os.path.exists(path):
         state = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: a checkpoint can't run code
-        strong.load_state_dict(state["model"])
+        missing, unexpected = strong.load_state_dict(state["model"], strict=False)
+        if unexpected or {name for name, p in strong.named_parameters() if p.requires_grad} & set(missing):
+            raise UsageError(f"{path} holds other weights than this run trains: resume it with its own flags")
         optimizer.load_state_dict(state["optimizer"])
         rng.setstate(state["rng_python"])
         if rank < len(state["rng_torch"]):  # else resumed on more processes than before: a new one keeps its seed
