@@ -392,6 +392,9 @@ def chunk_logprobs(model, prompt, rollout, rows, temperature, vocab_size):  # co
     return completion_logprobs(model, (prompt[0][rows], prompt[1][rows]), rollout.tokens[rows], rollout.mask[rows],
                                temperature, vocab_size, set_aside=set_aside, units=rollout.units)
 
+def micro_batches(rows, size):  # consecutive slices of `rows` (none if it is empty), as the loss takes them
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
 def policy_gradient(model, prompt, rollout, advantages, temperature, micro_batch_size, vocab_size=None,
                     amp=nullcontext(), weak_token_weight=0.0, rows=None, old_logp=None, ref_logp=None, args=None):
     """Add the REINFORCE gradient to model's .grad; return the loss: -sum(advantage * log p(token)) over the strong
@@ -409,7 +412,7 @@ def policy_gradient(model, prompt, rollout, advantages, temperature, micro_batch
     if old_logp is None and ref_logp is None:  # rows with zero advantage or no token to learn add nothing: skip them
         rows = rows[(advantages[rows] != 0) & (weight[rows] > 0).any(1)]
     total = 0.0
-    for chunk in (rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)):
+    for chunk in micro_batches(rows, micro_batch_size):
         with amp:
             logp = chunk_logprobs(model, prompt, rollout, chunk, temperature, vocab_size)
         objective = advantages[chunk, None] * logp  # REINFORCE: its gradient is advantage x grad log p
@@ -447,7 +450,7 @@ def logprobs_of(model, prompt, rollout, minis, temperature, micro_batch_size, vo
     """log p of every token under `model`, in policy_gradient's micro-batches (the first step's ratio is exactly 1)."""
     logp = torch.zeros(rollout.tokens.shape, device=rollout.tokens.device)
     for rows in minis:
-        for chunk in (rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)):
+        for chunk in micro_batches(rows, micro_batch_size):
             with amp:
                 logp[chunk] = chunk_logprobs(model, prompt, rollout, chunk, temperature, vocab_size)
     return logp
