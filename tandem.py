@@ -256,7 +256,8 @@ def tandem_generate_across(strong, weak, prompts, handoff_prob, max_new_tokens, 
     before a token that begins a unit: with --handoff-unit word, a word's start, where both tokenizers cut the text, so
     each reads its partner's words as it would write them (a partner reading a cut inside one of its tokens continues
     badly: README). If it names the other model, the token is set aside and the other writes on; beginning a unit there
-    is the strong model's action (Rollout.set_aside, in the loss). Draws wait until the run decodes to whole text."""
+    is the strong model's action (Rollout.set_aside, in the loss), unless --max-gap alone made the draw. Draws wait
+    until the run decodes to whole text."""
     models = {"strong": strong, "weak": weak}
     B, device = prompts["strong"][0].shape[0], prompts["strong"][0].device
     coins = (torch.rand(max_new_tokens + 1, 1 if shared_coins else B) < handoff_prob).expand(-1, B).tolist()
@@ -280,9 +281,10 @@ def tandem_generate_across(strong, weak, prompts, handoff_prob, max_new_tokens, 
                 # Decoded, a run ends in U+FFFD while a character's bytes are missing
                 text = piece_text(tokenizers[n], row.stream[n], min(row.run, 4)) if due and row.run else ""
                 if text and text[-1] != "\ufffd":
+                    by_unit = row.since_draw < max_gap  # else the gap made the draw, whatever the token: no action
                     row.since_draw, author = 0, "weak" if coins[t + 1][r] else "strong"
                     if author != n:
-                        row.hand_over(tokenizers, set_aside=True)
+                        row.hand_over(tokenizers, set_aside=by_unit)
                         row.author = author
                         continue
                 row.add(n, [token], n == "weak")  # an end token ends the row; the other stream gets its own end below

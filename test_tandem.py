@@ -832,6 +832,17 @@ def test_across_tokenizers_the_loss_recomputes_the_sampled_logprobs(across, monk
             assert torch.allclose(recomputed[r, p], expected, atol=1e-5), (r, p)
 
 
+def test_across_tokenizers_a_draw_the_gap_forces_is_no_action(across, monkeypatch):
+    """At --max-gap 1 every draw is the gap's, whatever token the strong model sampled: none is set aside as its action
+    of beginning a word (at --max-gap 4, the test above, some are), though the models hand off."""
+    cleanly(monkeypatch, across.toks, {"strong": -torch.inf, "weak": -torch.inf})  # no row ends
+    prompts = tandem.encode_prompts(across.toks, toy_problems(6, seed=5), "cpu")
+    torch.manual_seed(0)
+    got = tandem_generate(across.strong, across.weak, prompts, 0.5, 20, 0.7, None, shared_coins=True,
+                          tokenizers=across.toks, **tandem.draw_rule("word", 1, across.toks, "cpu"))
+    assert switches(got) >= 5 and not got.set_aside.any()
+
+
 def test_across_tokenizers_a_word_handoff_comes_before_a_word(across, monkeypatch):
     """With two tokenizers, a run ends right before a token of its author's that begins a word (a cut both tokenizers
     make), and that token is set aside for the other's. One row at a time, so that each sample call is the row's."""
@@ -1505,7 +1516,10 @@ def toy_world(tokenizers="one", seed=0, coins="row", samples=2, plain=True, upda
         strong.load_state_dict(warm_start)
         torch.manual_seed(seed)
         rng = random.Random(seed)
-        optimizer = torch.optim.AdamW(strong.parameters(), lr=5e-4, weight_decay=0.0)
+        # Two tokenizers: half the step. At 5e-4 the strong model alone collapsed on seeds 3 and 5 of "two" and 0
+        # of the reverse (0.00, 0.43, 0.01) while the pair held; at 2.5e-4 the same seeds kept 0.97, 0.72, 1.00.
+        lr = 5e-4 if tokenizers == "one" else 2.5e-4
+        optimizer = torch.optim.AdamW(strong.parameters(), lr=lr, weight_decay=0.0)
         grpo = ["--baseline", "mean", "--scale-rewards", "group", "--batch-size", "8", "--mini-batch-size", "4"]
         samples = 8 if algo == "grpo" else samples
         args = tandem.parse_args(["--handoff-prob", str(handoff_prob), "--max-new-tokens", str(new_tokens),
@@ -1532,27 +1546,29 @@ def test_tandem_training_removes_jargon_and_plain_rl_does_not(tokenizers):
     in place. TANDEM_TOY_SEED picks another seed; TANDEM_TOY_COINS=batch shares the coins over the batch,
     TANDEM_TOY_SAMPLES=4 makes the same 64 rollouts 16 prompts x 4, TANDEM_TOY_ALGO=grpo runs the follow-up's GRPO
     (README). Seeds 0 to 7 (torch 2.13.0 CPU, 2 threads of an AMD EPYC): the warm-start's strong alone, pair and weak
-    alone accuracies and weak NLL | after tandem RL: strong alone, pair, weak NLL | plain RL's pair; jargon 0.98 or
-    more at every warm-start and after every plain RL arm, 0.00 after every tandem one.
+    alone accuracies and weak NLL | after tandem RL: strong alone, pair, weak NLL | with one tokenizer, plain RL's
+    pair; jargon 0.98 or more at every warm-start and after every plain RL arm, 0.00 after every tandem one. Two
+    tokenizers: "two", a SentencePiece-style strong model; "two-reverse", a SentencePiece-style partner with merges
+    (the strong warm-start 800 steps); both at RL's learning rate 2.5e-4 (toy_world).
 
-    seed    one tokenizer                                   two tokenizers (SentencePiece-style strong)
-       0    0.97 0.49 0.67 4.3 | 0.84 0.80 0.5 | 0.52      0.96 0.25 0.59 4.0 | 0.92 0.80 0.3 | 0.29
-       1    0.99 0.34 0.56 4.6 | 0.96 0.67 0.7 | 0.35      0.94 0.20 0.58 4.1 | 0.93 0.67 0.5 | 0.20
-       2    1.00 0.32 0.51 4.7 | 0.96 0.66 0.6 | 0.30      0.93 0.20 0.56 4.3 | 0.86 0.72 0.5 | 0.20
-       3    1.00 0.28 0.46 4.9 | 0.80 0.60 0.8 | 0.28      0.86 0.24 0.47 3.9 | 0.00 0.49 4.3 | 0.19
-       4    1.00 0.31 0.41 4.7 | 1.00 0.62 0.8 | 0.28      1.00 0.18 0.57 4.7 | 1.00 0.81 0.3 | 0.18
-       5    0.93 0.35 0.54 4.7 | 0.88 0.64 0.7 | 0.35      0.94 0.17 0.43 4.4 | 0.43 0.47 0.9 | 0.18
-       6    0.91 0.37 0.52 4.5 | 0.89 0.68 0.5 | 0.33      0.96 0.15 0.55 3.7 | 0.91 0.80 0.4 | 0.14
-       7    1.00 0.40 0.59 4.5 | 0.87 0.73 0.7 | 0.41      0.98 0.17 0.57 4.1 | 0.88 0.76 0.3 | 0.17
+    seed    one tokenizer                                 two
+       0    0.97 0.49 0.67 4.3 | 0.84 0.80 0.5 | 0.52     0.96 0.25 0.59 4.0 | 0.96 0.82 0.3
+       1    0.99 0.34 0.56 4.6 | 0.96 0.67 0.7 | 0.35     0.94 0.20 0.58 4.1 | 0.98 0.74 0.4
+       2    1.00 0.32 0.51 4.7 | 0.96 0.66 0.6 | 0.30     0.93 0.20 0.56 4.3 | 0.97 0.80 0.2
+       3    1.00 0.28 0.46 4.9 | 0.80 0.60 0.8 | 0.28     0.86 0.24 0.47 3.9 | 0.97 0.70 0.4
+       4    1.00 0.31 0.41 4.7 | 1.00 0.62 0.8 | 0.28     1.00 0.18 0.57 4.7 | 1.00 0.81 0.3
+       5    0.93 0.35 0.54 4.7 | 0.88 0.64 0.7 | 0.35     0.94 0.17 0.43 4.4 | 0.72 0.56 0.7
+       6    0.91 0.37 0.52 4.5 | 0.89 0.68 0.5 | 0.33     0.96 0.15 0.55 3.7 | 0.95 0.85 0.3
+       7    1.00 0.40 0.59 4.5 | 0.87 0.73 0.7 | 0.41     0.98 0.17 0.57 4.1 | 0.85 0.74 0.3
 
-    seed    two tokenizers, the reverse (SentencePiece-style weak with merges; the strong warm-start 800 steps)
-       0    1.00 0.20 0.59 5.5 | 0.01 0.30 5.8
-       1    1.00 0.20 0.60 5.7 | 0.92 0.67 1.1
-       2    1.00 0.18 0.56 5.1 | 0.77 0.61 1.0
-       3    1.00 0.19 0.61 5.0 | 1.00 0.81 0.9
-       4    1.00 0.19 0.67 4.9 | 0.92 0.72 1.0
-       5    1.00 0.24 0.64 4.9 | 0.82 0.66 1.1
-       6    1.00 0.23 0.64 4.9 | 0.73 0.66 1.1
+    seed    two-reverse
+       0    1.00 0.20 0.59 5.5 | 1.00 0.70 1.0
+       1    1.00 0.20 0.60 5.7 | 1.00 0.71 1.1
+       2    1.00 0.18 0.56 5.1 | 0.97 0.64 0.9
+       3    1.00 0.19 0.61 5.0 | 0.99 0.80 0.9
+       4    1.00 0.19 0.67 4.9 | 1.00 0.78 0.8
+       5    1.00 0.24 0.64 4.9 | 0.95 0.71 0.9
+       6    1.00 0.23 0.64 4.9 | 1.00 0.73 0.8
        7    1.00 0.17 0.61 5.1 | 0.99 0.75 0.7
     """
     results = toy_world(tokenizers, int(os.environ.get("TANDEM_TOY_SEED", "0")),
@@ -1561,18 +1577,15 @@ def test_tandem_training_removes_jargon_and_plain_rl_does_not(tokenizers):
     start, tandem_rl = results["warm-start"], results["tandem RL (handoff 0.5)"]
     plain_rl = results.get("plain RL (handoff 0)")
     weak_alone = start["weak_accuracy"]  # the weak model is frozen: the same in every row
-    # Each margin below is half the smallest that seeds 0 to 7 showed, with one tokenizer and with two (README).
+    # Each margin below is half the smallest that seeds 0 to 7 showed, with one tokenizer and with two (docstring).
     # The warm-start speaks jargon, and alone it solves more sums than the weak model does.
     assert start["strong_marker_rate"] > 0.45 and start["strong_accuracy"] > weak_alone + 0.15
     # Tandem training: the jargon goes, the pair gets better together, the weak model finds the strong model's
     # solutions likelier, and the strong model alone stays above the weak one alone.
     assert tandem_rl["strong_marker_rate"] < start["strong_marker_rate"] - 0.45
-    assert tandem_rl["tandem_accuracy"] > start["tandem_accuracy"] + 0.05
-    # With one tokenizer every seed showed these two. With two, on some seeds of either pairing the strong model alone
-    # collapsed (0.00 or so) while the pair held and the weak NLL rose (docstring): not asserted, an open defect.
-    if tokenizers == "one":
-        assert tandem_rl["weak_nll"] < start["weak_nll"] / 2.5
-        assert tandem_rl["strong_accuracy"] > weak_alone + 0.03
+    assert tandem_rl["tandem_accuracy"] > start["tandem_accuracy"] + 0.14
+    assert tandem_rl["weak_nll"] < start["weak_nll"] / 2.5
+    assert tandem_rl["strong_accuracy"] > weak_alone + 0.08
     # Plain RL (one tokenizer; the suite's time): the same number of updates leaves the jargon, and the pair worse off
     # than tandem RL makes it.
     if plain_rl is not None:
