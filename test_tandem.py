@@ -1447,14 +1447,19 @@ def test_weak_frac_is_the_weak_models_share_of_the_text_in_characters(tiny, monk
     assert metrics["weak_frac"] == pytest.approx(len(" 15 books") / len("Lee has 15 books"))
 
 
+def terms(problem):  # "3+4?" (or "3 + 4 ?") -> (3, 4)
+    a, b = problem["question"].rstrip("?").split("+")
+    return int(a), int(b)
+
+
 def taught_to_weak(problem):  # the toy sums the weak partner learns: those whose second term is 0 to 4
-    return int(problem["question"].split("+")[1].rstrip("?")) <= 4
+    return terms(problem)[1] <= 4
 
 
 def in_words(problem, marked):  # the language world's solutions: "3 plus 4 is 7" in A, "3 mas 4 es 7" in B (marked)
-    a, b = problem["question"].rstrip("?").split("+")
+    a, b = terms(problem)
     plus, is_ = ("mas", "es") if marked else ("plus", "is")
-    return f" {a} {plus} {b} {is_} {int(a) + int(b)}\n#### {int(a) + int(b)}"
+    return f" {a} {plus} {b} {is_} {a + b}\n#### {a + b}"
 
 
 # A task defined in a test, as a forker's is: GSM8K's prompt and check, its own solutions and marker
@@ -1618,11 +1623,6 @@ def test_tandem_training_in_the_language_world():
     assert tandem_rl["weak_nll"] < start["weak_nll"] / 1.8
     assert plain_rl["strong_marker_rate"] < 0.5
     assert tandem_rl["tandem_accuracy"] > plain_rl["tandem_accuracy"] + 0.03
-
-
-def terms(problem):  # "3+4?" -> (3, 4)
-    a, b = problem["question"].rstrip("?").split("+")
-    return int(a), int(b)
 
 
 # The pool's toy world: four partners taught different sums (2 layers, plain solutions, 300 steps), D held out
