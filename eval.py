@@ -65,7 +65,8 @@ def parse_args(argv=None):
                    help="draw the marker rate and accuracy over RL updates from these run folders")
     p.add_argument("--out", default="curves.png", help="--plot: the picture's file (.png, .pdf, .svg)")
     p.add_argument("--make-data", metavar="DIR",
-                   help="write the word problems (see README) to DIR/train.jsonl and DIR/test.jsonl")
+                   help="write the word problems (README) to DIR/train.jsonl and DIR/test.jsonl, and the language "
+                   "experiment's --weak-prompt to DIR/partner-es.txt")
     p.add_argument("--bench", action="store_true", help="time decoding and RL steps instead of evaluating (see README)")
     p.add_argument("--random-init", action="store_true",
                    help="--bench: build gpt2 and gpt2-medium from their shapes, offline")
@@ -121,13 +122,14 @@ def report(result, args):
 
     size = f"{result['n'] // args.samples} problems" + (f" x {args.samples} samples" if args.samples > 1 else "")
     lines = [f"{args.data or args.task} ({args.split}): {size}, {sampling}, seed {args.seed}; [95% Wilson interval]",
-             f"{'':32}{'accuracy':>9}{'':18}{'marker':>7}",
+             f"{'':32}{'accuracy':>9}{'':18}{'marker':>9}",
              f"{'strong alone':32}{acc(result['strong_accuracy'], result['strong_accuracy_ci'])}"
-             f"{result['strong_marker_rate']:9.3f}",
-             f"{'weak alone':32}{acc(result['weak_accuracy'], result['weak_accuracy_ci'])}",
+             f"{acc(result['strong_marker_rate'], result['strong_marker_rate_ci'])}",
+             f"{'weak alone':32}{acc(result['weak_accuracy'], result['weak_accuracy_ci'])}"
+             f"{acc(result['weak_marker_rate'], result['weak_marker_rate_ci'])}",
              f"{f'tandem (handoff {args.handoff_prob:g})':32}"
              f"{acc(result['tandem_accuracy'], result['tandem_accuracy_ci'])}"
-             f"{result['tandem_marker_rate']:9.3f}",
+             f"{acc(result['tandem_marker_rate'], result['tandem_marker_rate_ci'])}",
              f"legibility: weak NLL of strong solutions {result['weak_nll']:.3f} nats/token, "
              f"{result['weak_nll_per_char']:.3f} nats/character (mean length {result['strong_tokens']:.1f} tokens)"]
     if "flexible_accuracy" in result:
@@ -202,6 +204,8 @@ def evaluate_with(strong, partner, problems, task, asking, args, amp):
         result["flexible_accuracy"] = sum(flexible) / n
     for key in [k for k in ["strong", "weak", "tandem", "flexible"] if f"{k}_accuracy" in result]:  # 95% intervals
         result[f"{key}_accuracy_ci"] = wilson(round(result[f"{key}_accuracy"] * n), n)
+    for key in ["strong", "weak", "tandem"]:
+        result[f"{key}_marker_rate_ci"] = wilson(round(result[f"{key}_marker_rate"] * n), n)
     for c in result.get("curve", []):
         c["ci"] = wilson(round(c["accuracy"] * n), n)
     for key, p in [("strong", 0.0), ("weak", 1.0), ("tandem", args.handoff_prob)] if args.samples > 1 else []:
@@ -272,6 +276,23 @@ def plot(runs, out):
 
 NAMES = ["Lee", "Mia", "Sam", "Ava", "Ben", "Zoe", "Max", "Ivy", "Tom", "Eva"]
 THINGS = ["apples", "books", "cards", "coins", "marbles", "pens", "shells", "stickers", "stamps", "beads"]
+# The language experiment's --weak-prompt (DIR/partner-es.txt): English questions answered in Spanish, one of each step
+SPANISH = """Question: Ana has 5 apples. Then Ana gets 3 more. Then Ana gives 2 away. How many apples does Ana have now?
+Answer: Después de recibir 3 más, Ana tiene 5+3=8 manzanas.
+Después de regalar 2, Ana tiene 8-2=6 manzanas.
+#### 6
+
+Question: Leo has 12 cards. Then Leo gives half of them to a friend. Then the number of cards doubles. How many cards \
+does Leo have now?
+Answer: Después de regalar la mitad, Leo tiene 12/2=6 cartas.
+Al duplicarse, Leo tiene 6*2=12 cartas.
+#### 12
+
+Question: Sam has 7 books. Then Sam gets 9 more. How many books does Sam have now?
+Answer: Después de recibir 9 más, Sam tiene 7+9=16 libros.
+#### 16
+
+"""
 
 
 def word_problems(rng):
@@ -314,7 +335,9 @@ def make_data(folder, seed, n_train=2000, n_test=500):
         for split, rows in [("train", train), ("test", test)]:
             with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:
                 f.writelines(json.dumps(p) + "\n" for p in rows)
-    print(f"wrote {n_train} train and {n_test} test problems to {folder}")
+        with open(os.path.join(folder, "partner-es.txt"), "w", encoding="utf-8") as f:
+            f.write(SPANISH)
+    print(f"wrote {n_train} train and {n_test} test problems to {folder}, and the partner's Spanish prompt")
 
 
 def train_tokenizer(corpus, vocab_size, sentencepiece=False, eos=None, prepend_scheme="first"):

@@ -192,8 +192,8 @@ def tandem_generate(strong, weak, prompts, handoff_prob, max_new_tokens, tempera
     start = {n: ids.shape[1] for n, (ids, _) in prompts.items()}  # where the new tokens begin in seq[n]
     caches = {n: StaticCache(config=model.config, max_cache_len=seq[n].shape[1]) for n, model in models.items()}
     read = {n: 0 for n in models}  # how much of seq[n] is in model n's cache
-    from_weak, mask = (torch.zeros(B, T, dtype=torch.bool, device=device) for _ in range(2))
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    from_weak = torch.zeros(B, T, dtype=torch.bool, device=device)
+    mask, done = torch.zeros_like(from_weak), torch.zeros(B, dtype=torch.bool, device=device)
     weak_owns, since_draw = coins[0], torch.zeros(B, dtype=torch.long, device=device)
     for t in range(T):
         # nonzero() waits for the device, once per token: how many rows a model writes decides whether it runs.
@@ -330,9 +330,10 @@ def encode_piece(tokenizer, text):
 
 def piece_text(tokenizer, ids, k):
     """The last k of `ids` as text, no special tokens, decoded after a few before (so a first "▁" keeps its space)."""
-    before, whole = (tokenizer.decode(ids[max(len(ids) - k - 4, 0):end], skip_special_tokens=True,
-                                      clean_up_tokenization_spaces=False) for end in (len(ids) - k, len(ids)))
-    return whole[len(before):]
+    def text(end):
+        return tokenizer.decode(ids[max(len(ids) - k - 4, 0):end], skip_special_tokens=True,
+                                clean_up_tokenization_spaces=False)
+    return text(len(ids))[len(text(len(ids) - k)):]
 
 # --handoff-unit: the next token's author is drawn again right after a token whose surface form (its string in the
 # vocabulary) the unit accepts, and --max-gap tokens after the last draw. A new unit is one more entry.
@@ -360,9 +361,8 @@ def completion_texts(tokenizer, rollout):
 
 def baseline(rewards, kind="loo"):
     """rewards: prompts x samples. The value each sample's reward is compared with."""
-    k = rewards.shape[1]
     if kind == "loo":  # leave-one-out: a sample's own reward stays out of its baseline, which keeps it unbiased
-        return (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+        return (rewards.sum(1, keepdim=True) - rewards) / (rewards.shape[1] - 1)
     if kind == "mean":
         return rewards.mean(1, keepdim=True).expand_as(rewards)
     return torch.zeros_like(rewards)
@@ -491,8 +491,8 @@ def pool_generate(strong, partners, problems, args, asking=Asking(), amp=nullcon
 def merge(parts, B, eos):  # [(rows, Rollout)]: one rollout of B rows, each in its place, to the longest (eos, masked)
     T = max(part.tokens.shape[1] for _, part in parts)
     tokens = parts[0][1].tokens.new_full((B, T), eos)
-    from_weak, mask, set_aside = (torch.zeros_like(tokens, dtype=torch.bool) for _ in range(3))
-    units = None
+    from_weak = torch.zeros_like(tokens, dtype=torch.bool)
+    mask, set_aside, units = torch.zeros_like(from_weak), torch.zeros_like(from_weak), None
     for rows, part in parts:
         t = part.tokens.shape[1]
         tokens[rows, :t], from_weak[rows, :t], mask[rows, :t] = part.tokens, part.from_weak, part.mask
@@ -579,11 +579,9 @@ def evaluate(strong, weak, tokenizers, problems, handoff_prob=0.5, curve=(), max
                   "weak_nll_per_char": nll / max(sum(map(len, runs[0.0][0])), 1)}  # and per character
     def accuracy(p):
         return sum(asking.task.correct(t, q) for t, q in zip(runs[p][0], problems)) / n
-    result |= {"strong_accuracy": accuracy(0.0), "weak_accuracy": accuracy(1.0),
-               "tandem_accuracy": accuracy(handoff_prob),
-               "strong_marker_rate": sum(map(asking.task.marker, runs[0.0][0])) / n,
-               "tandem_marker_rate": sum(map(asking.task.marker, runs[handoff_prob][0])) / n,
-               "strong_tokens": sum(r.mask.sum().item() for _, r in runs[0.0][1]) / n}
+    for who, p in [("strong", 0.0), ("weak", 1.0), ("tandem", handoff_prob)]:
+        result |= {f"{who}_accuracy": accuracy(p), f"{who}_marker_rate": sum(map(asking.task.marker, runs[p][0])) / n}
+    result["strong_tokens"] = sum(r.mask.sum().item() for _, r in runs[0.0][1]) / n
     if curve:
         result["curve"] = [{"handoff_prob": p, "accuracy": accuracy(p)} for p in curve]
     return result
@@ -1047,8 +1045,7 @@ def resume(out, strong, optimizer, rng, rank, resuming):
     metrics = open(metrics_path, "a", buffering=1)  # line-buffered: a row is in the file once logged, whatever kills us
     return last_step, lambda row: metrics.write(json.dumps(row) + "\n")
 
-def run_cli(main):
-    """main(), its return value the exit code; bad input ends in one line on stderr and exit code 2."""
+def run_cli(main):  # main()'s return value is the exit code
     try:
         code = main() or 0
     except UsageError as e:
