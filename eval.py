@@ -202,10 +202,8 @@ def evaluate_with(strong, partner, problems, task, asking, args, amp):
     if task.correct is tandem.GSM8K.correct:  # its "#### N" and the flexible extract
         flexible = [flexible_answer(t) == tandem.extract_answer(p["answer"]) for t, p in zip(runs[0.0][0], problems)]
         result["flexible_accuracy"] = sum(flexible) / n
-    for key in [k for k in ["strong", "weak", "tandem", "flexible"] if f"{k}_accuracy" in result]:  # 95% intervals
-        result[f"{key}_accuracy_ci"] = wilson(round(result[f"{key}_accuracy"] * n), n)
-    for key in ["strong", "weak", "tandem"]:
-        result[f"{key}_marker_rate_ci"] = wilson(round(result[f"{key}_marker_rate"] * n), n)
+    for key in [k for k in result if k.endswith(("_accuracy", "_marker_rate"))]:  # every rate's 95% interval
+        result[f"{key}_ci"] = wilson(round(result[key] * n), n)
     for c in result.get("curve", []):
         c["ci"] = wilson(round(c["accuracy"] * n), n)
     for key, p in [("strong", 0.0), ("weak", 1.0), ("tandem", args.handoff_prob)] if args.samples > 1 else []:
